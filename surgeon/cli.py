@@ -1,0 +1,339 @@
+"""The `surgeon` command line: check, apply, revert, merge, inspect."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.tree import Tree
+
+from surgeon.errors import SurgeonError
+from surgeon.graph import ModuleGraph, build_module_graph, dtype_size
+from surgeon.job import apply as apply_spec
+from surgeon.job import load
+from surgeon.language import parse_spec, read_spec_text
+from surgeon.manifest import read_manifest
+from surgeon.models import load_model, reload_source, save_base_model
+from surgeon.patterns import PatternError, compile_pattern
+from surgeon.planner import Plan, plan
+
+app = typer.Typer(
+    help="Declarative model surgery for parameter-efficient fine-tuning.\n\n"
+    "A .peft spec says what to change (e.g. 'inject lora r=8 into *.attn.<q,v>'); surgeon checks it "
+    "against the model before any tensor changes, patches the model, and writes a manifest from "
+    "which the original comes back bit for bit.\n\n"
+    "MODEL is a Hugging Face directory (config.json + safetensors) or package.module:factory.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON instead of tables")]
+CheckpointOpt = Annotated[
+    str | None, typer.Option("--checkpoint", help="safetensors weights for a package.module:factory MODEL")
+]
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def user_errors(command: F) -> F:
+    """A user's mistake prints one clear message and exits 2; never a traceback."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        as_json = kwargs.get("as_json", False)
+        try:
+            _quiet_libraries()
+            return command(*args, **kwargs)
+        except SurgeonError as problem:
+            if as_json:
+                print(json.dumps({"ok": False, "error": str(problem)}))
+            else:
+                err.print(f"[bold red]error:[/] {problem}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return run  # type: ignore[return-value]
+
+
+@contextmanager
+def _status(message: str, as_json: bool) -> Iterator[None]:
+    if as_json or not err.is_terminal:
+        yield
+        return
+    with err.status(message):
+        yield
+
+
+def _plan_for(spec: str, model_ref: str, checkpoint: str | None) -> tuple[Plan, ModuleGraph]:
+    text, source = read_spec_text(spec)
+    parsed = parse_spec(text, source)
+    model, _ = load_model(model_ref, checkpoint=checkpoint, meta=True)
+    graph = build_module_graph(model)
+    return plan(parsed, graph), graph
+
+
+def _plan_json(the_plan: Plan) -> dict[str, Any]:
+    rewrites = [
+        {
+            "target": r.target.path,
+            "role": r.target.role,
+            "method": f"{r.verb} {r.method}",
+            "type": r.target.type_name,
+            "slices": list(r.target.slices),
+            "weight_shape": r.target.weight_shape,
+            "params": r.params,
+            "added": {k: list(v) for k, v in r.added.items()},
+            "added_count": r.added_count,
+        }
+        for r in the_plan.rewrites
+    ]
+    added_bytes = sum(r.added_count * dtype_size(r.target.dtype or "float32") for r in the_plan.rewrites)
+    return {
+        "ok": True,
+        "rewrites": rewrites,
+        "totals": {
+            "rewrites": len(rewrites),
+            "trainable_parameters": the_plan.added_parameters,
+            "base_parameters": the_plan.base_parameters,
+            "trainable_share": the_plan.added_parameters / max(1, the_plan.base_parameters),
+            "added_bytes": added_bytes,
+        },
+    }
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _print_plan(summary: dict[str, Any]) -> None:
+    table = Table(title="plan", title_justify="left")
+    for column in ("target", "role", "method", "shape", "added"):
+        table.add_column(column, overflow="fold")
+    for r in summary["rewrites"]:
+        shape = "x".join(map(str, r["weight_shape"] or ()))
+        if r["slices"]:
+            shape += f" [{','.join(r['slices'])}]"
+        added = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in r["added"].items())
+        role = ",".join(r["slices"]) if r["slices"] else r["role"] or ""
+        table.add_row(r["target"], role, r["method"], escape(shape), f"{r['added_count']:,} ({added})")
+    out.print(table)
+    totals = summary["totals"]
+    out.print(
+        f"{totals['rewrites']} rewrites; trainable parameters {totals['trainable_parameters']:,} "
+        f"of {totals['base_parameters']:,} ({100 * totals['trainable_share']:.4f}%); "
+        f"added memory {_human_bytes(totals['added_bytes'])}"
+    )
+
+
+@app.command()
+@user_errors
+def check(
+    spec: Annotated[str, typer.Argument(help="a .peft file")],
+    model: Annotated[str, typer.Argument(help="HF model directory or package.module:factory")],
+    checkpoint: CheckpointOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Parse, plan and run every check; print the plan. Changes nothing; exit 0 when it would apply."""
+    with _status("planning", as_json):
+        the_plan, _ = _plan_for(spec, model, checkpoint)
+    summary = _plan_json(the_plan)
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        _print_plan(summary)
+
+
+def _fresh_out(path: Path, force: bool) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if not force:
+            raise SurgeonError(f"{path} already exists and is not empty; choose another --out or pass --force")
+
+
+@contextmanager
+def _staged(final: Path, force: bool) -> Iterator[Path]:
+    """Write into a temporary folder beside `final` and move it in place only when all went well."""
+    _fresh_out(final, force)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final) if final.is_dir() else final.unlink()
+    staging.rename(final)
+
+
+@app.command("apply")
+@user_errors
+def apply_command(
+    spec: Annotated[str, typer.Argument(help="a .peft file")],
+    model: Annotated[str, typer.Argument(help="HF model directory or package.module:factory")],
+    out_dir: Annotated[Path, typer.Option("--out", help="run directory to write (manifest.json + adapters)")],
+    checkpoint: CheckpointOpt = None,
+    seed: Annotated[int | None, typer.Option(help="random seed for the added weights")] = None,
+    full_fingerprint: Annotated[bool, typer.Option(help="hash every tensor, not only the touched ones")] = False,
+    force: Annotated[bool, typer.Option(help="replace a non-empty --out")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Patch MODEL as SPEC says and write the run: manifest.json + adapters.safetensors."""
+    text, source = read_spec_text(spec)
+    parsed = parse_spec(text, source)
+    _fresh_out(out_dir, force)
+    with _status("loading the model", as_json):
+        base, ref = load_model(model, checkpoint=checkpoint)
+    with _status("patching", as_json):
+        job = apply_spec(parsed, base, seed=seed, source=ref, full_fingerprint=full_fingerprint)
+    with _staged(out_dir, force) as staging:
+        job.save(staging)
+    summary = _plan_json(job.plan) | {"run": str(out_dir)}
+    if as_json:
+        print(json.dumps(summary))
+        return
+    _print_plan(summary)
+    out.print(f"wrote {out_dir}/manifest.json and {out_dir}/adapters.safetensors")
+
+
+@app.command()
+@user_errors
+def revert(
+    run: Annotated[Path, typer.Argument(help="a run directory written by 'surgeon apply' or job.save()")],
+    out_dir: Annotated[Path, typer.Option("--out", help="directory for the original model")],
+    force: Annotated[bool, typer.Option(help="replace a non-empty --out")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the original model back, bit-identical to the source, verified by the manifest's hashes."""
+    manifest = read_manifest(run)
+    _fresh_out(out_dir, force)
+    with _status("reading the source model", as_json):
+        model = reload_source(manifest.source)
+    with _status("re-applying and reverting", as_json):
+        job = load(run, model)
+        original = job.revert()
+    with _staged(out_dir, force) as staging:
+        save_base_model(original, staging)
+    hashed = sum(1 for r in manifest.fingerprint.values() if r.sha256)
+    if as_json:
+        print(json.dumps({"ok": True, "out": str(out_dir), "tensors": len(manifest.fingerprint), "hashed": hashed}))
+        return
+    out.print(f"reverted {len(manifest.patches)} patches; {len(manifest.fingerprint)} tensors match the "
+              f"original ({hashed} by sha256); wrote {out_dir}")
+
+
+@app.command()
+@user_errors
+def merge(
+    run: Annotated[Path, typer.Argument(help="a run directory")],
+    out_dir: Annotated[Path, typer.Option("--out", help="directory for the merged checkpoint")],
+    force: Annotated[bool, typer.Option(help="replace a non-empty --out")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a plain checkpoint with the deltas folded in, loadable by stock transformers."""
+    manifest = read_manifest(run)
+    _fresh_out(out_dir, force)
+    with _status("reading the source model", as_json):
+        model = reload_source(manifest.source)
+    with _status("merging", as_json):
+        job = load(run, model)
+        merged = job.merge()
+    with _staged(out_dir, force) as staging:
+        save_base_model(merged, staging)
+    if as_json:
+        print(json.dumps({"ok": True, "out": str(out_dir), "merged": len(manifest.patches)}))
+        return
+    out.print(f"merged {len(manifest.patches)} patches; wrote {out_dir}")
+
+
+@app.command()
+@user_errors
+def inspect(
+    model: Annotated[str, typer.Argument(help="HF model directory or package.module:factory")],
+    pattern: Annotated[str | None, typer.Argument(help="show what this pattern matches")] = None,
+    checkpoint: CheckpointOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the module tree with roles, or what PATTERN matches."""
+    base, _ = load_model(model, checkpoint=checkpoint, meta=True)
+    graph = build_module_graph(base)
+    if pattern is not None:
+        _print_matches(graph, pattern, as_json)
+        return
+    if as_json:
+        print(json.dumps([{"path": i.path, "type": i.type_name, "kind": i.kind, "roles": list(i.role_paths),
+                           "slices": list(i.slices)} for i in graph.modules.values()]))
+        return
+    out.print(_tree(graph))
+
+
+def _print_matches(graph: ModuleGraph, pattern: str, as_json: bool) -> None:
+    try:
+        compiled = compile_pattern(pattern)
+    except PatternError as problem:
+        raise SurgeonError(f"bad pattern '{pattern}': {problem}") from None
+    hits: dict[str, list[str]] = {}
+    for name, path, slice_name in graph.candidates():
+        if compiled.matches(name):
+            hits.setdefault(path, []).append(slice_name or "")
+    if as_json:
+        print(json.dumps({"pattern": pattern, "matches": [{"path": p, "slices": sorted(s for s in v if s)}
+                                                          for p, v in hits.items()]}))
+        return
+    if not hits:
+        raise SurgeonError(f"pattern '{pattern}' matches no module")
+    table = Table(title=f"{len(hits)} modules match {pattern}", title_justify="left")
+    for column in ("path", "roles", "type", "slices"):
+        table.add_column(column)
+    for path, slices in hits.items():
+        info = graph.modules[path]
+        table.add_row(path, ", ".join(info.role_paths), info.type_name, ",".join(sorted(s for s in slices if s)))
+    out.print(table)
+
+
+def _tree(graph: ModuleGraph) -> Tree:
+    root = Tree(f"[bold]{graph.modules[''].type_name}[/]")
+    nodes = {"": root}
+    for path, info in graph.modules.items():
+        if not path:
+            continue
+        parent = nodes.get(path.rpartition(".")[0], root)
+        roles = f" [cyan]{', '.join(info.role_paths)}[/]" if info.role_paths else ""
+        slices = f" [magenta]slices {','.join(info.slices)}[/]" if info.slices else ""
+        shape = info.params.get("weight")
+        dims = f" {'x'.join(map(str, shape.shape))}" if shape else ""
+        nodes[path] = parent.add(f"{path.rpartition('.')[2]} [dim]{info.type_name}{dims}[/]{roles}{slices}")
+    return root
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted; nothing was written")
+        sys.exit(130)

@@ -1,0 +1,163 @@
+"""The Python API: `surgeon.apply(spec, model)` -> Job; `surgeon.load(run_dir, model)` -> Job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from surgeon.errors import ManifestError, PlanError, SurgeonError
+from surgeon.graph import build_module_graph
+from surgeon.language import parse_spec, read_spec_text
+from surgeon.manifest import (ADAPTER_FILE, TRAINED_BASE_PREFIX, Manifest, SourceRef, read_manifest,
+                              sha256_file)
+from surgeon.planner import Plan, plan
+from surgeon.revert import check_tensors, revert_surgery
+from surgeon.spec import Spec
+from surgeon.surgery import Surgery, apply_plan
+
+
+class Job:
+    """A patched model and everything needed to train, save, merge and revert it."""
+
+    def __init__(self, surgery: Surgery) -> None:
+        self._surgery = surgery
+        self._reverted = False
+
+    @property
+    def model(self) -> nn.Module:
+        return self._surgery.model
+
+    @property
+    def plan(self) -> Plan:
+        return self._surgery.plan
+
+    @property
+    def manifest(self) -> Manifest:
+        return self._surgery.manifest
+
+    def _live(self) -> Surgery:
+        if self._reverted:
+            raise SurgeonError("this job was reverted; apply the spec again to patch the model")
+        return self._surgery
+
+    def added_tensors(self) -> dict[str, nn.Parameter]:
+        """Every tensor the surgery added, by `target.local_name` (merged patches included)."""
+        return {f"{rewrite.target.path}.{name}": param
+                for rewrite, patch in self._live().patches for name, param in patch.added_parameters().items()}
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Only what the spec made trainable, by name: `torch.optim.AdamW(job.trainable_parameters().values())`."""
+        found: dict[str, nn.Parameter] = {}
+        for record, (rewrite, patch) in zip(self.manifest.patches, self._live().patches):
+            if record.merged:
+                continue
+            found.update({f"{rewrite.target.path}.{n}": p for n, p in patch.added_parameters().items()})
+            found.update(patch.trained_base_parameters())
+        return found
+
+    def save(self, run_dir: str | Path) -> Path:
+        """Write manifest.json and adapters.safetensors (the added and trained tensors) to run_dir."""
+        surgery = self._live()
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {name: p.detach().contiguous().cpu() for name, p in self.added_tensors().items()}
+        for _, patch in surgery.patches:
+            for name, param in patch.trained_base_parameters().items():
+                tensors[TRAINED_BASE_PREFIX + name] = param.detach().contiguous().cpu()
+        if any(t.device.type == "meta" for t in tensors.values()):
+            raise SurgeonError("the model is on the meta device: there are no weights to save")
+        save_file(tensors, str(run_dir / ADAPTER_FILE))
+        (run_dir / "spec.peft").write_text(self.manifest.spec_text)
+        surgery.manifest = self.manifest.model_copy(update={"adapter_sha256": sha256_file(run_dir / ADAPTER_FILE)})
+        surgery.manifest.write(run_dir)
+        return run_dir
+
+    def merge(self) -> nn.Module:
+        """Fold every delta into the base weights; the model becomes plain. Revert stays exact."""
+        surgery = self._live()
+        stuck = [r.target.path for r, p in surgery.patches if not p.mergeable]
+        if stuck:
+            raise PlanError(f"cannot merge: {', '.join(stuck[:3])} use methods that are not mergeable")
+        for _, patch in surgery.patches:
+            patch.merge()
+        merged = [record.model_copy(update={"merged": True}) for record in self.manifest.patches]
+        surgery.manifest = self.manifest.model_copy(update={"patches": merged})
+        return self.model
+
+    def revert(self) -> nn.Module:
+        """Give the original model back, bit-exact, verified against the manifest's fingerprint."""
+        model = revert_surgery(self._live())
+        self._reverted = True
+        return model
+
+
+def _spec_of(spec: str | Path | Spec) -> Spec:
+    if isinstance(spec, Spec):
+        return spec
+    text, source = read_spec_text(spec)
+    return parse_spec(text, source)
+
+
+def check(spec: str | Path | Spec, model: nn.Module) -> Plan:
+    """Parse and plan without changing anything; raises on any problem."""
+    return plan(_spec_of(spec), build_module_graph(model))
+
+
+def apply(spec: str | Path | Spec, model: nn.Module, *, seed: int | None = None,
+          source: SourceRef | None = None, full_fingerprint: bool = False) -> Job:
+    """Patch `model` in place as `spec` says (a .peft path or the spec text). Nothing changes on error."""
+    the_plan = check(spec, model)
+    if seed is not None:
+        torch.manual_seed(seed)
+    surgery = apply_plan(the_plan, model, source=source or SourceRef(kind="memory"),
+                         full_fingerprint=full_fingerprint)
+    return Job(surgery)
+
+
+def _read_adapters(run_dir: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(run_dir / ADAPTER_FILE))
+    except (OSError, SafetensorError) as err:
+        raise ManifestError(f"cannot read {run_dir / ADAPTER_FILE}: {err}") from None
+
+
+def load(run_dir: str | Path, model: nn.Module) -> Job:
+    """Re-apply a saved run to a fresh copy of its base model, weights included."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    problem = check_tensors(model, manifest.fingerprint)
+    if problem:
+        raise ManifestError(f"the model is not the base model of {run_dir}: {problem}")
+    spec = parse_spec(manifest.spec_text, manifest.spec_source)
+    tensors = _read_adapters(run_dir)
+    surgery = apply_plan(plan(spec, build_module_graph(model)), model, source=manifest.source, init=False)
+    job = Job(surgery)
+    try:
+        _fill(job, tensors)
+    except Exception:
+        job.revert()
+        raise
+    surgery.manifest = manifest
+    for record, (_, patch) in zip(manifest.patches, surgery.patches):
+        if record.merged:
+            patch.merge()
+    return job
+
+
+def _fill(job: Job, tensors: dict[str, torch.Tensor]) -> None:
+    targets = job.added_tensors()
+    for _, patch in job._surgery.patches:
+        targets.update({TRAINED_BASE_PREFIX + n: p for n, p in patch.trained_base_parameters().items()})
+    if set(targets) != set(tensors):
+        missing = sorted(set(targets) - set(tensors))
+        raise ManifestError(f"{ADAPTER_FILE} does not hold the run's tensors (missing {missing[:3]})")
+    with torch.no_grad():
+        for name, param in targets.items():
+            if tuple(tensors[name].shape) != tuple(param.shape):
+                raise ManifestError(f"{ADAPTER_FILE}: {name} has shape {tuple(tensors[name].shape)}, "
+                                    f"expected {tuple(param.shape)}")
+            param.copy_(tensors[name].to(param.dtype))

@@ -1,0 +1,3 @@
+"""One method, one module. Importing this package registers them all with the registry."""
+
+from surgeon.methods import lora  # noqa: F401

@@ -1,0 +1,163 @@
+"""The protocol every method follows, and the registry the planner resolves statements against.
+
+A method is a class with:
+- `verb`, `name`: how a statement names it (`inject lora ...`),
+- `Params`: a pydantic model of its parameters (unknown keys are rejected with suggestions),
+- `prepositions`: the clauses it takes (`into`, `after`, ...; `except` is always allowed),
+- `kinds`: the module kinds it accepts (`linear`, `conv1d`, `embedding`, `conv2d`, `model`, ...),
+- `check(target, params)`: a reason to reject a target, from shapes alone (no tensor is read),
+- `added_shapes(target, params)`: the parameters it will add, for the plan and the totals,
+- `apply(model, target, params, init)`: patch and return a `Patch`, which knows how to undo itself.
+
+Three seams cover the catalogue (DESIGN.md): wrap a layer (`WrapPatch` below: the original module
+object is kept inside the wrapper and put back on revert), add a module in the data path (hooks or a
+wrapper around the parent), and change what attention or the embedding sees (patched functions and
+buffers). All three hand back a `Patch`; the surgery stage only ever calls its methods.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from surgeon.errors import PlanError
+
+
+class MethodParams(BaseModel):
+    """Parameters common to every method."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    tied: bool = Field(False, description="accept targets whose weights are tied to other modules")
+
+
+class Target(BaseModel):
+    """One module a rewrite applies to, as the planner saw it (shapes only, no tensors)."""
+
+    model_config = ConfigDict(frozen=True)
+    path: str
+    type_name: str
+    kind: str
+    role: str | None = None
+    slices: dict[str, tuple[int, int]] = Field(default_factory=dict)  # empty: the whole module
+    weight_shape: tuple[int, ...] | None = None
+    in_features: int | None = None
+    out_features: int | None = None
+    dtype: str | None = None
+    has_bias: bool = False
+
+
+class Patch(ABC):
+    """A change made to a live model; knows its added parameters and how to undo itself exactly."""
+
+    mergeable: ClassVar[bool] = False
+
+    @abstractmethod
+    def added_parameters(self) -> dict[str, nn.Parameter]:
+        """Local name -> parameter this patch added (what the user trains)."""
+
+    def trained_base_parameters(self) -> dict[str, nn.Parameter]:
+        """Model parameter name -> base parameter this patch made trainable (its original is kept)."""
+        return {}
+
+    @abstractmethod
+    def revert(self) -> None:
+        """Undo the patch: the model holds exactly the objects it held before `apply`."""
+
+    def merge(self) -> None:
+        raise PlanError(f"{type(self).__name__} cannot be merged into the weights")
+
+
+class Method(ABC):
+    verb: ClassVar[str]
+    name: ClassVar[str]
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    prepositions: ClassVar[frozenset[str]] = frozenset({"into"})
+    kinds: ClassVar[frozenset[str]] = frozenset()
+    takes_slices: ClassVar[bool] = False  # can it act on a q/k/v slice of a fused projection?
+    stacks_on: ClassVar[frozenset[str]] = frozenset()  # methods that may precede it on one module
+    mergeable: ClassVar[bool] = False
+    summary: ClassVar[str] = ""
+
+    @classmethod
+    def check(cls, target: Target, params: MethodParams) -> str | None:
+        """A reason this target cannot take the method with these parameters, or None."""
+        if target.kind not in cls.kinds:
+            accepted = ", ".join(sorted(cls.kinds))
+            return f"{target.path} is a {target.type_name} ({target.kind}); {cls.name} accepts {accepted}"
+        return None
+
+    @classmethod
+    @abstractmethod
+    def added_shapes(cls, target: Target, params: MethodParams) -> dict[str, tuple[int, ...]]:
+        """Local parameter name -> shape of what `apply` will add."""
+
+    @classmethod
+    @abstractmethod
+    def apply(cls, model: nn.Module, target: Target, params: MethodParams, *, init: bool) -> Patch:
+        """Patch the module at target.path of `model` and return the patch. `init=False`: the
+        caller will load the added weights, so skip random initialisation."""
+
+
+def locate(model: nn.Module, path: str) -> tuple[nn.Module, str, nn.Module]:
+    """(parent, attribute name, module) of the module at `path`."""
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    return parent, attr, getattr(parent, attr)
+
+
+_REGISTRY: dict[tuple[str, str], type[Method]] = {}
+
+
+def register(method: type[Method]) -> type[Method]:
+    _REGISTRY[(method.verb, method.name)] = method
+    return method
+
+
+def registry() -> dict[tuple[str, str], type[Method]]:
+    from surgeon import methods  # noqa: F401  (importing the package registers every method)
+
+    return _REGISTRY
+
+
+class WrapPatch(Patch):
+    """The wrap seam: `wrapper` stands where `original` stood; revert puts the very object back.
+
+    Wrappers provide `delta_weights()` (parameter name of the original -> delta) to be mergeable.
+    A merge replaces the original's parameters with new ones and keeps the old objects, so revert
+    after merge is still exact (no subtraction, no rounding).
+    """
+
+    def __init__(self, parent: nn.Module, attr: str, original: nn.Module, wrapper: nn.Module) -> None:
+        self.parent, self.attr, self.original, self.wrapper = parent, attr, original, wrapper
+        self.replaced: dict[str, nn.Parameter] = {}
+        self.mergeable = hasattr(wrapper, "delta_weights")
+        setattr(parent, attr, wrapper)
+
+    def added_parameters(self) -> dict[str, nn.Parameter]:
+        if self.replaced:
+            return {}
+        return {n: p for n, p in self.wrapper.named_parameters() if not n.startswith("base.")}
+
+    def merge(self) -> None:
+        if not self.mergeable:
+            super().merge()
+        if self.replaced:
+            return
+        with torch.no_grad():
+            deltas = self.wrapper.delta_weights()
+            for name, delta in deltas.items():
+                old = self.original._parameters[name]
+                self.replaced[name] = old
+                merged = (old.to(delta.dtype) + delta).to(old.dtype)
+                self.original._parameters[name] = nn.Parameter(merged, requires_grad=old.requires_grad)
+        setattr(self.parent, self.attr, self.original)
+
+    def revert(self) -> None:
+        for name, old in self.replaced.items():
+            self.original._parameters[name] = old
+        self.replaced = {}
+        setattr(self.parent, self.attr, self.original)

@@ -1,0 +1,202 @@
+"""LoRA (Hu et al. 2021): h = W0 x + (alpha/r) B A dropout(x), A: r x d_in, B: d_out x r.
+
+A is random (Gaussian, std 1/r, as PEFT's "gaussian"; or PEFT's default Kaiming-uniform), B is zero,
+so the patched model's output equals the original's right after apply. On an embedding, as in PEFT,
+A is zero and B Gaussian. Layouts match PEFT's (`lora_A` r x d_in, `lora_B` d_out x r) so weights
+move between the two unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from surgeon.methods.base import Method, MethodParams, Patch, Target, WrapPatch, locate, register
+
+
+class LoraParams(MethodParams):
+    r: int = Field(8, ge=1, description="rank of the update")
+    alpha: float | None = Field(None, gt=0, description="scale numerator; default: r (scale 1)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input")
+    init: Literal["gaussian", "kaiming"] = Field("gaussian", description="initialisation of A")
+    rslora: bool = Field(False, description="scale alpha/sqrt(r) instead of alpha/r")
+    bias: Literal["none", "lora_only"] = Field("none", description="also train the target's bias")
+
+    @property
+    def scale(self) -> float:
+        alpha = self.alpha if self.alpha is not None else float(self.r)
+        return alpha / math.sqrt(self.r) if self.rslora else alpha / self.r
+
+
+def _init_a(weight: torch.Tensor, params: LoraParams) -> None:
+    if params.init == "kaiming":
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    else:
+        nn.init.normal_(weight, std=1.0 / params.r)
+
+
+class _LoraBase(nn.Module):
+    def __init__(self, base: nn.Module, params: LoraParams) -> None:
+        super().__init__()
+        self.base = base
+        self.scale = params.scale
+        self.dropout = nn.Dropout(params.dropout) if params.dropout > 0 else nn.Identity()
+
+    def _new(self, *shape: int) -> nn.Parameter:
+        weight = self.base.weight
+        return nn.Parameter(torch.zeros(shape, dtype=weight.dtype, device=weight.device))
+
+
+class LoraLinear(_LoraBase):
+    """LoRA on nn.Linear or transformers' Conv1D (weight stored transposed), whole or on slices.
+
+    With slices (GPT-2's fused c_attn), each named slice of the output columns gets its own A and
+    B, and every other column (k, say) is exactly the base layer's output.
+    """
+
+    def __init__(self, base: nn.Module, target: Target, params: LoraParams, init: bool) -> None:
+        super().__init__(base, params)
+        self.transposed = target.kind == "conv1d"
+        self.slices = dict(target.slices)
+        d_in, d_out = target.in_features, target.out_features
+        assert d_in is not None and d_out is not None
+        if not self.slices:
+            self.lora_A = self._new(params.r, d_in)
+            self.lora_B = self._new(d_out, params.r)
+        for name, (start, stop) in self.slices.items():
+            self.register_parameter(f"lora_A_{name}", self._new(params.r, d_in))
+            self.register_parameter(f"lora_B_{name}", self._new(stop - start, params.r))
+        if init:
+            for a_name in [n for n, _ in self.named_parameters() if n.startswith("lora_A")]:
+                _init_a(self.get_parameter(a_name).data, params)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        h = self.dropout(x)
+        if not self.slices:
+            return out + F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scale
+        for name, (start, stop) in self.slices.items():
+            a, b = getattr(self, f"lora_A_{name}"), getattr(self, f"lora_B_{name}")
+            out[..., start:stop] += F.linear(F.linear(h, a), b) * self.scale
+        return out
+
+    def delta_weights(self) -> dict[str, torch.Tensor]:
+        weight = self.base.weight
+        delta = torch.zeros(weight.shape[::-1] if self.transposed else weight.shape, dtype=weight.dtype,
+                            device=weight.device)
+        if not self.slices:
+            delta += (self.lora_B @ self.lora_A) * self.scale
+        for name, (start, stop) in self.slices.items():
+            a, b = getattr(self, f"lora_A_{name}"), getattr(self, f"lora_B_{name}")
+            delta[start:stop] += (b @ a) * self.scale
+        return {"weight": delta.T if self.transposed else delta}
+
+
+class LoraEmbedding(_LoraBase):
+    def __init__(self, base: nn.Embedding, target: Target, params: LoraParams, init: bool) -> None:
+        super().__init__(base, params)
+        self.lora_A = self._new(params.r, base.num_embeddings)
+        self.lora_B = self._new(base.embedding_dim, params.r)
+        if init:
+            nn.init.normal_(self.lora_B.data)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base: nn.Embedding = self.base  # type: ignore[assignment]
+        after_a = F.embedding(x, self.lora_A.T, base.padding_idx, base.max_norm, base.norm_type,
+                              base.scale_grad_by_freq, base.sparse)
+        return base(x) + (after_a @ self.lora_B.T) * self.scale
+
+    def delta_weights(self) -> dict[str, torch.Tensor]:
+        return {"weight": (self.lora_B @ self.lora_A).T * self.scale}
+
+
+class LoraConv2d(_LoraBase):
+    def __init__(self, base: nn.Conv2d, target: Target, params: LoraParams, init: bool) -> None:
+        super().__init__(base, params)
+        kh, kw = base.kernel_size
+        self.lora_A = self._new(params.r, base.in_channels, kh, kw)
+        self.lora_B = self._new(base.out_channels, params.r, 1, 1)
+        if init:
+            _init_a(self.lora_A.data, params)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base: nn.Conv2d = self.base  # type: ignore[assignment]
+        after_a = F.conv2d(self.dropout(x), self.lora_A, None, base.stride, base.padding, base.dilation)
+        return base(x) + F.conv2d(after_a, self.lora_B) * self.scale
+
+    def delta_weights(self) -> dict[str, torch.Tensor]:
+        delta = self.lora_B.flatten(1) @ self.lora_A.flatten(1)
+        return {"weight": delta.view(self.base.weight.shape) * self.scale}
+
+
+class _LoraPatch(WrapPatch):
+    mergeable = True
+
+    def __init__(self, parent: nn.Module, attr: str, original: nn.Module, wrapper: nn.Module,
+                 params: LoraParams, path: str) -> None:
+        super().__init__(parent, attr, original, wrapper)
+        self.bias_name = f"{path}.bias" if params.bias == "lora_only" and getattr(original, "bias", None) is not None else None
+
+    def trained_base_parameters(self) -> dict[str, nn.Parameter]:
+        return {self.bias_name: self.original.bias} if self.bias_name else {}
+
+
+_WRAPPERS: dict[str, type[_LoraBase]] = {
+    "linear": LoraLinear, "conv1d": LoraLinear, "embedding": LoraEmbedding, "conv2d": LoraConv2d,
+}
+
+
+@register
+class Lora(Method):
+    verb = "inject"
+    name = "lora"
+    Params = LoraParams
+    kinds = frozenset(_WRAPPERS)
+    takes_slices = True
+    stacks_on = frozenset({"quantize"})
+    mergeable = True
+    summary = "low-rank update B A beside a frozen layer (Hu et al. 2021)"
+
+    @classmethod
+    def check(cls, target: Target, params: MethodParams) -> str | None:
+        reason = super().check(target, params)
+        if reason:
+            return reason
+        assert isinstance(params, LoraParams)
+        widths = [stop - start for start, stop in target.slices.values()] or [target.out_features or 0]
+        limit = min([target.in_features or 0, *widths])
+        if params.r > limit:
+            return f"r={params.r} is larger than {target.path} allows (at most {limit})"
+        return None
+
+    @classmethod
+    def added_shapes(cls, target: Target, params: MethodParams) -> dict[str, tuple[int, ...]]:
+        assert isinstance(params, LoraParams) and target.weight_shape is not None
+        r, shape = params.r, target.weight_shape
+        if target.kind == "embedding":
+            return {"lora_A": (r, shape[0]), "lora_B": (shape[1], r)}
+        if target.kind == "conv2d":
+            return {"lora_A": (r, shape[1], shape[2], shape[3]), "lora_B": (shape[0], r, 1, 1)}
+        d_in = target.in_features or 0
+        if not target.slices:
+            return {"lora_A": (r, d_in), "lora_B": (target.out_features or 0, r)}
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name, (start, stop) in target.slices.items():
+            shapes[f"lora_A_{name}"] = (r, d_in)
+            shapes[f"lora_B_{name}"] = (stop - start, r)
+        return shapes
+
+    @classmethod
+    def apply(cls, model: nn.Module, target: Target, params: MethodParams, *, init: bool) -> Patch:
+        assert isinstance(params, LoraParams)
+        parent, attr, original = locate(model, target.path)
+        wrapper = _WRAPPERS[target.kind](original, target, params, init)
+        patch = _LoraPatch(parent, attr, original, wrapper, params, target.path)
+        if patch.bias_name:
+            original.bias.requires_grad_(True)
+        return patch

@@ -1,0 +1,112 @@
+"""Loading and saving base models: a Hugging Face directory, or `package.module:factory`."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_model
+from torch import nn
+
+from surgeon.errors import ModelLoadError
+from surgeon.manifest import SourceRef
+
+
+def _is_factory(ref: str) -> bool:
+    return ":" in ref and not os.path.exists(ref)
+
+
+def _hf_class(model_dir: Path) -> type:
+    import transformers
+
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot read {model_dir / 'config.json'}: {err}") from None
+    for name in config.get("architectures") or []:
+        if hasattr(transformers, name):
+            return getattr(transformers, name)
+    return transformers.AutoModel
+
+
+def _load_factory(ref: str, checkpoint: str | None, meta: bool) -> nn.Module:
+    module_name, _, attr = ref.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ModelLoadError(f"cannot import model factory '{ref}': {err}") from None
+    with torch.device("meta") if meta else torch.device("cpu"):
+        model = factory()
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"'{ref}' returned a {type(model).__name__}, not a torch.nn.Module")
+    if checkpoint and not meta:
+        try:
+            state = load_file(checkpoint)
+        except (OSError, SafetensorError) as err:
+            raise ModelLoadError(f"cannot read checkpoint {checkpoint}: {err}") from None
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ModelLoadError(f"checkpoint {checkpoint} does not fit '{ref}': missing {missing[:3]}, "
+                                 f"unexpected {unexpected[:3]}")
+    return model
+
+
+def _load_hf(model_dir: Path, meta: bool) -> nn.Module:
+    from transformers import AutoConfig
+
+    if not (model_dir / "config.json").is_file():
+        raise ModelLoadError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+    cls = _hf_class(model_dir)
+    try:
+        if meta:
+            config = AutoConfig.from_pretrained(model_dir)
+            with torch.device("meta"):
+                return cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+        weights = list(model_dir.glob("*.safetensors"))
+        if not weights:
+            raise ModelLoadError(f"{model_dir} has no .safetensors weights")
+        for path in weights:  # fail early and clearly on a truncated or corrupt file
+            with open(path, "rb") as handle:
+                header = int.from_bytes(handle.read(8), "little")
+            if header <= 0 or header > path.stat().st_size:
+                raise ModelLoadError(f"cannot read checkpoint {path}: not a safetensors file")
+        return cls.from_pretrained(model_dir, dtype="auto")
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, SafetensorError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"cannot load the model in {model_dir}: {first}") from None
+
+
+def load_model(ref: str, *, checkpoint: str | None = None, meta: bool = False) -> tuple[nn.Module, SourceRef]:
+    """The model named by `ref` and a reference to it for the manifest. `meta`: structure only."""
+    if _is_factory(ref):
+        source = SourceRef(kind="factory", location=ref, checkpoint=str(Path(checkpoint).resolve()) if checkpoint else None)
+        return _load_factory(ref, checkpoint, meta), source
+    path = Path(ref)
+    if not path.exists():
+        raise ModelLoadError(f"model path not found: {ref}")
+    if not path.is_dir():
+        raise ModelLoadError(f"{ref} is not a directory: give a Hugging Face model directory or package.module:factory")
+    return _load_hf(path, meta), SourceRef(kind="hf", location=str(path.resolve()))
+
+
+def reload_source(source: SourceRef) -> nn.Module:
+    """The base model a run was made from, read again from where the manifest says it lives."""
+    if source.kind == "memory" or not source.location:
+        raise ModelLoadError("this run was made from a model that exists only in memory; "
+                             "use surgeon.load(run_dir, model) with that model in Python")
+    return load_model(source.location, checkpoint=source.checkpoint)[0]
+
+
+def save_base_model(model: nn.Module, out_dir: Path) -> None:
+    """Write the model as a Hugging Face directory (or plain model.safetensors for other models)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(out_dir)
+    else:
+        save_model(model, str(out_dir / "model.safetensors"))

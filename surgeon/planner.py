@@ -1,0 +1,241 @@
+"""Stage 2: Spec + ModuleGraph -> Plan. Every check happens here, before any tensor changes.
+
+Per statement: resolve the method in the registry, validate its parameters, match its patterns
+against the module graph (real paths and role paths), check each target's kind and shape. Across
+statements: build the rewrite graph (networkx) with an edge wherever one rewrite must precede another
+on the same module, reject conflicts, untold ties and cycles; its topological order is the apply order.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import networkx as nx
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from surgeon.errors import Location, PlanError, SpecError, did_you_mean
+from surgeon.graph import ModuleGraph, ModuleInfo
+from surgeon.methods.base import Method, MethodParams, Target, registry
+from surgeon.patterns import PatternError, compile_pattern
+from surgeon.spec import Clause, Param, Spec, Statement
+
+
+class Rewrite(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    statement: int  # index of the statement in the spec
+    verb: str
+    method: str
+    params: dict[str, Any]
+    target: Target
+    added: dict[str, tuple[int, ...]]
+    location: Location
+    label: str | None = None
+
+    @property
+    def added_count(self) -> int:
+        total = 0
+        for shape in self.added.values():
+            n = 1
+            for s in shape:
+                n *= s
+            total += n
+        return total
+
+
+class Plan(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    spec: Spec
+    rewrites: tuple[Rewrite, ...]  # in apply order
+    base_parameters: int
+
+    @property
+    def added_parameters(self) -> int:
+        return sum(r.added_count for r in self.rewrites)
+
+
+def method_of(rewrite: Rewrite) -> type[Method]:
+    return registry()[(rewrite.verb, rewrite.method)]
+
+
+def params_of(rewrite: Rewrite) -> MethodParams:
+    return method_of(rewrite).Params(**rewrite.params)
+
+
+class _Planner:
+    def __init__(self, spec: Spec, graph: ModuleGraph) -> None:
+        self.spec, self.graph = spec, graph
+        self.candidates = list(graph.candidates())
+
+    def error(self, message: str, location: Location | None, hint: str | None = None) -> SpecError:
+        return SpecError(message, source=self.spec.source, text=self.spec.text, location=location, hint=hint)
+
+    def resolve(self, statement: Statement) -> type[Method]:
+        methods = registry()
+        verbs = {verb for verb, _ in methods}
+        verb = statement.verb.text
+        if verb not in verbs:
+            raise self.error(f"unknown verb '{verb}'", statement.verb.location,
+                             did_you_mean(verb, verbs) or "verbs: " + ", ".join(sorted(verbs)))
+        names = [name for v, name in methods if v == verb]
+        if not statement.words:
+            raise self.error(f"'{verb}' needs a method name", statement.verb.location, "methods: " + ", ".join(sorted(names)))
+        word = statement.words[0]
+        if (verb, word.text) not in methods:
+            raise self.error(f"unknown method '{verb} {word.text}'", word.location,
+                             did_you_mean(word.text, names) or "methods: " + ", ".join(sorted(names)))
+        if len(statement.words) > 1:
+            extra = statement.words[1]
+            raise self.error(f"unexpected word '{extra.text}' after '{verb} {word.text}'", extra.location,
+                             "parameters are written key=value")
+        return methods[(verb, word.text)]
+
+    def validate(self, method: type[Method], statement: Statement) -> MethodParams:
+        by_key: dict[str, Param] = {}
+        for param in statement.params:
+            if param.key in by_key:
+                raise self.error(f"parameter '{param.key}' is given twice", param.location)
+            by_key[param.key] = param
+        try:
+            return method.Params(**{k: p.value for k, p in by_key.items()})
+        except ValidationError as err:
+            problem = err.errors()[0]
+            key = str(problem["loc"][0]) if problem["loc"] else ""
+            location = by_key[key].location if key in by_key else statement.location
+            if problem["type"] == "extra_forbidden":
+                known = list(method.Params.model_fields)
+                raise self.error(f"unknown parameter '{key}' for {method.name}", location,
+                                 did_you_mean(key, known) or "parameters: " + ", ".join(known)) from None
+            value = by_key[key].value if key in by_key else None
+            raise self.error(f"bad value {value!r} for '{key}': {problem['msg']}", location) from None
+
+    def match(self, clause: Clause) -> dict[str, set[str | None]]:
+        try:
+            pattern = compile_pattern(clause.pattern)
+        except PatternError as err:
+            column = clause.location.column + len(clause.preposition) + 1 + err.offset
+            raise self.error(f"bad pattern: {err}", Location(line=clause.location.line, column=column)) from None
+        found: dict[str, set[str | None]] = {}
+        for name, path, slice_name in self.candidates:
+            if pattern.matches(name):
+                found.setdefault(path, set()).add(slice_name)
+        return found
+
+    def nearest(self, pattern: str) -> str | None:
+        tail = pattern.split(".")[-2:]
+        keys = {".".join(name.split(".")[-len(tail):]) for name, _, _ in self.candidates if name}
+        close = difflib.get_close_matches(".".join(tail), sorted(keys), n=3, cutoff=0.5)
+        return "nearest module names: " + ", ".join(close) if close else None
+
+    def targets(self, method: type[Method], statement: Statement) -> dict[str, set[str | None]]:
+        allowed = method.prepositions | {"except"}
+        for clause in statement.clauses:
+            if clause.preposition not in allowed:
+                raise self.error(f"{method.name} does not take '{clause.preposition}'", clause.location,
+                                 "use " + " or ".join(f"'{p}'" for p in sorted(method.prepositions)))
+        chosen: dict[str, set[str | None]] = {}
+        includes = [c for c in statement.clauses if c.preposition != "except"]
+        if not includes and method.prepositions:
+            first = sorted(method.prepositions)[0]
+            raise self.error(f"{method.name} needs a target: '{first} PATTERN'", statement.location)
+        for clause in statement.clauses:
+            found = self.match(clause)
+            if not found:
+                raise self.error(f"pattern '{clause.pattern}' matches no module", clause.location,
+                                 self.nearest(clause.pattern))
+            if clause.preposition == "except":
+                for path, slices in found.items():
+                    left = chosen.get(path, set()) - slices
+                    if None in slices or not left:
+                        chosen.pop(path, None)
+                    else:
+                        chosen[path] = left
+            else:
+                for path, slices in found.items():
+                    chosen.setdefault(path, set()).update(slices)
+        return chosen
+
+    def target(self, info: ModuleInfo, slices: set[str | None], method: type[Method]) -> Target:
+        weight = info.params.get("weight")
+        whole = None in slices
+        if not whole and not method.takes_slices:
+            raise PlanError(f"{method.name} cannot act on the {'/'.join(sorted(s for s in slices if s))} slice "
+                            f"of the fused {info.path}")
+        return Target(
+            path=info.path,
+            type_name=info.type_name,
+            kind=info.kind,
+            role=info.role_paths[0].rsplit(".", 1)[-1] if info.role_paths else None,
+            slices={} if whole else {s: info.slices[s] for s in sorted(slices, key=list(info.slices).index)},
+            weight_shape=weight.shape if weight else None,
+            in_features=info.in_features,
+            out_features=info.out_features,
+            dtype=weight.dtype if weight else None,
+            has_bias="bias" in info.params,
+        )
+
+    def statement_rewrites(self, index: int, statement: Statement) -> list[Rewrite]:
+        method = self.resolve(statement)
+        params = self.validate(method, statement)
+        rewrites = []
+        for path, slices in self.targets(method, statement).items():
+            info = self.graph.modules[path]
+            target = self.target(info, slices, method)
+            reason = method.check(target, params)
+            if reason:
+                raise self.error(reason, statement.location, "narrow the pattern or add 'except PATTERN'")
+            self.check_aliasing(info, params, statement)
+            rewrites.append(Rewrite(
+                statement=index, verb=method.verb, method=method.name,
+                params=params.model_dump(), target=target, added=method.added_shapes(target, params),
+                location=statement.location, label=statement.name,
+            ))
+        return rewrites
+
+    def check_aliasing(self, info: ModuleInfo, params: MethodParams, statement: Statement) -> None:
+        if info.aliases:
+            raise self.error(f"{info.path} is the same module as {', '.join(info.aliases)}; "
+                             "patching one path would leave the others unpatched", statement.location)
+        tied = self.graph.tied_outside(info.path)
+        if tied and not params.tied:
+            raise self.error(f"{info.path} shares its weights with {', '.join(tied)} (tied weights)",
+                             statement.location,
+                             "add tied=true to patch it anyway (a merge then changes both), or 'except' it")
+
+    def order(self, rewrites: list[Rewrite]) -> tuple[Rewrite, ...]:
+        """The rewrite graph: same-module rewrites must stack in an allowed order; no cycles."""
+        dag = nx.DiGraph()
+        dag.add_nodes_from(range(len(rewrites)))
+        by_module: dict[str, list[int]] = {}
+        for i, rewrite in enumerate(rewrites):
+            by_module.setdefault(rewrite.target.path, []).append(i)
+        for path, indices in by_module.items():
+            for a in indices:
+                for b in indices:
+                    if a >= b:
+                        continue
+                    first, second = rewrites[a], rewrites[b]
+                    if first.method in method_of(second).stacks_on:
+                        dag.add_edge(a, b)
+                    elif second.method in method_of(first).stacks_on:
+                        dag.add_edge(b, a)
+                    else:
+                        raise self.error(
+                            f"{path} is targeted twice: by '{first.verb} {first.method}' "
+                            f"(line {first.location.line}) and '{second.verb} {second.method}' "
+                            f"(line {second.location.line})", second.location,
+                            "one rewrite per module: merge the statements (e.g. into *.attn.<q,v>) or add 'except'")
+        if not nx.is_directed_acyclic_graph(dag):
+            cycle = nx.find_cycle(dag)
+            raise self.error("rewrites depend on each other in a cycle: " +
+                             " -> ".join(rewrites[a].target.path for a, _ in cycle), rewrites[cycle[0][0]].location)
+        return tuple(rewrites[i] for i in nx.lexicographical_topological_sort(dag))
+
+
+def plan(spec: Spec, graph: ModuleGraph) -> Plan:
+    """Stage entry: check `spec` against the model graph and return the ordered rewrites."""
+    planner = _Planner(spec, graph)
+    rewrites: list[Rewrite] = []
+    for index, statement in enumerate(spec.statements):
+        rewrites += planner.statement_rewrites(index, statement)
+    return Plan(spec=spec, rewrites=planner.order(rewrites), base_parameters=graph.total_parameters())

@@ -1,0 +1,114 @@
+"""Stage 3: Plan + model -> patched model + Manifest. Rolls back whatever it patched if a step fails."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+from torch import nn
+
+from surgeon.errors import SurgeonError, SurgeryError
+from surgeon.manifest import Manifest, PatchRecord, SourceRef, TensorRecord, tensor_record
+from surgeon.methods.base import Patch
+from surgeon.planner import Plan, Rewrite, method_of, params_of
+
+
+@dataclass
+class Surgery:
+    """A live patched model: the patches (which can undo themselves) and what revert must restore."""
+
+    model: nn.Module
+    plan: Plan
+    patches: list[tuple[Rewrite, Patch]]
+    manifest: Manifest
+    base_originals: dict[str, torch.Tensor] = field(default_factory=dict)  # trained base params
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for package in ("surgeon", "torch", "transformers"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def _class_name(obj: object) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def fingerprint(model: nn.Module, hashed: set[str] | None) -> dict[str, TensorRecord]:
+    """name, dtype and shape of every tensor; sha256 of those in `hashed` (None: all of them)."""
+    return {name: tensor_record(t, hashed is None or name in hashed)
+            for name, t in model.state_dict(keep_vars=True).items()}
+
+
+def touched_tensor_names(model: nn.Module, plan: Plan) -> set[str]:
+    """State-dict names of every tensor owned by a target module (tied aliases included)."""
+    targets = {id(model.get_submodule(r.target.path)) for r in plan.rewrites}
+    touched_ids = {id(p) for m in model.modules() if id(m) in targets for p in m.parameters(recurse=False)}
+    return {name for name, t in model.state_dict(keep_vars=True).items() if id(t) in touched_ids}
+
+
+def _record(rewrite: Rewrite, patch: Patch, original_class: str) -> PatchRecord:
+    return PatchRecord(
+        method=f"{rewrite.verb} {rewrite.method}",
+        target=rewrite.target.path,
+        slices=rewrite.target.slices,
+        params=rewrite.params,
+        original_class=original_class,
+        replacement_class=_class_name(getattr(patch, "wrapper", None)) if hasattr(patch, "wrapper") else None,
+        added={name: tensor_record(p, hashed=False) for name, p in patch.added_parameters().items()},
+        trained_base=sorted(patch.trained_base_parameters()),
+    )
+
+
+def rollback(model: nn.Module, patches: list[tuple[Rewrite, Patch]], trainable_before: set[str]) -> None:
+    for _, patch in reversed(patches):
+        patch.revert()
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trainable_before)
+
+
+def apply_plan(plan: Plan, model: nn.Module, *, source: SourceRef, init: bool = True,
+               full_fingerprint: bool = False) -> Surgery:
+    """Stage entry: patch `model` in place following `plan`, or leave it exactly as it was."""
+    touched = touched_tensor_names(model, plan)
+    prints = fingerprint(model, None if full_fingerprint else touched)
+    trainable_before = {name for name, p in model.named_parameters() if p.requires_grad}
+    for param in model.parameters():
+        param.requires_grad_(False)
+    patches: list[tuple[Rewrite, Patch]] = []
+    records: list[PatchRecord] = []
+    try:
+        for rewrite in plan.rewrites:
+            original_class = _class_name(model.get_submodule(rewrite.target.path))
+            patch = method_of(rewrite).apply(model, rewrite.target, params_of(rewrite), init=init)
+            patches.append((rewrite, patch))
+            records.append(_record(rewrite, patch, original_class))
+    except Exception as err:
+        rollback(model, patches, trainable_before)
+        if isinstance(err, SurgeonError):
+            raise
+        failed = plan.rewrites[len(patches)].target.path
+        raise SurgeryError(f"patching {failed} failed ({type(err).__name__}: {err}); "
+                           f"the {len(patches)} patches made before it were rolled back") from err
+    base_originals = {}
+    for _, patch in patches:
+        for name, param in patch.trained_base_parameters().items():
+            base_originals[name] = param.detach().clone()
+    manifest = Manifest(
+        spec_text=plan.spec.text,
+        spec_source=plan.spec.source,
+        spec_sha256=hashlib.sha256(plan.spec.text.encode()).hexdigest(),
+        versions=_versions(),
+        source=source,
+        fingerprint=prints,
+        fingerprint_full=full_fingerprint,
+        trainable_before=sorted(trainable_before),
+        patches=records,
+    )
+    return Surgery(model=model, plan=plan, patches=patches, manifest=manifest, base_originals=base_originals)
