@@ -104,12 +104,13 @@ def _syntax_error(err: UnexpectedInput, text: str, source: str) -> SpecError:
         location = Location(line=len(lines), column=len(lines[-1]) + 1)
     else:
         token: Token = err.token  # type: ignore[attr-defined]
-        shown = "the end of the line" if token.type == "_SEP" else f"'{token}'"
+        shown = "end of line" if token.type == "_SEP" else f"'{token}'"
         message = f"unexpected {shown}"
         if token.type == "$END":
             lines = text.splitlines() or [""]
             location = Location(line=len(lines), column=len(lines[-1]) + 1)
-    expected = sorted({_TERMINAL_WORDS.get(t, f"'{t.lower()}'") for t in (err.expected or ()) if not t.startswith("__")})
+    names = getattr(err, "accepts", None) or err.expected or ()
+    expected = sorted({_TERMINAL_WORDS.get(t, f"'{t.lower()}'") for t in names if not t.startswith("__")})
     if len(expected) > 4:
         expected = [e for e in expected if not (e.startswith("'") and e[1:-1].isalpha())] + ["a preposition (into, after, ...)"]
     hint = "expected " + ", ".join(expected) if expected else None

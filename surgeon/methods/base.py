@@ -138,8 +138,6 @@ class WrapPatch(Patch):
         setattr(parent, attr, wrapper)
 
     def added_parameters(self) -> dict[str, nn.Parameter]:
-        if self.replaced:
-            return {}
         return {n: p for n, p in self.wrapper.named_parameters() if not n.startswith("base.")}
 
     def merge(self) -> None:
