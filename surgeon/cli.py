@@ -39,8 +39,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
+# Piped output (scripts, CI logs) gets wide lines instead of rich's 80-column default.
+out = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 F = TypeVar("F", bound=Callable[..., Any])
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON instead of tables")]
@@ -134,7 +135,7 @@ def _human_bytes(n: float) -> str:
 def _print_plan(summary: dict[str, Any]) -> None:
     table = Table(title="plan", title_justify="left")
     for column in ("target", "role", "method", "shape", "added"):
-        table.add_column(column, overflow="fold")
+        table.add_column(column, no_wrap=column != "added")
     for r in summary["rewrites"]:
         shape = "x".join(map(str, r["weight_shape"] or ()))
         if r["slices"]:

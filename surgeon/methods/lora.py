@@ -46,6 +46,7 @@ class _LoraBase(nn.Module):
         self.base = base
         self.scale = params.scale
         self.dropout = nn.Dropout(params.dropout) if params.dropout > 0 else nn.Identity()
+        self.train(base.training)  # a wrapper made while the model is in eval mode stays in eval mode
 
     def _new(self, *shape: int) -> nn.Parameter:
         weight = self.base.weight
