@@ -217,6 +217,13 @@ def bench_train(config, ids: torch.Tensor, steps: int, per_round: int) -> dict[s
 
 # --- report --------------------------------------------------------------------------------------
 
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -225,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=10, help="timed train steps per variant (default 10)")
     parser.add_argument("--reps", type=int, default=5, help="timed apply repetitions per library (default 5)")
-    parser.add_argument("--per-round", type=int, default=2,
-                        help="consecutive steps of one variant before the next takes over (default 2)")
+    parser.add_argument("--per-round", type=int, default=1,
+                        help="consecutive steps of one variant before the next takes over (default 1)")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.reps < 1 or args.per_round < 1:
@@ -236,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(threads)
     say = (lambda *a, **k: None) if args.json else (lambda *a, **k: print(*a, **k, flush=True))
     wall_start = time.perf_counter()
+    load_before = load_average()
 
     import peft
     import transformers
@@ -287,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                             "all": {k: [round(x, 6) for x in v] for k, v in apply_big.items()}},
         "apply_small_cpu_s": {"surgeon": as_s, "peft": as_p, "reps": args.reps},
         "train_step_s": {"surgeon": t_s, "peft": t_p, "full": t_f, "steps": args.steps,
+                         "min": {n: min(v.times) for n, v in trained.items()},
                          "per_round": args.per_round, "batch": BATCH, "seq": SEQ,
                          "all": {n: [round(x, 5) for x in v.times] for n, v in trained.items()}},
         "final_loss": {n: v.loss for n, v in trained.items()},
@@ -294,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": {"apply_surgeon_over_peft": a_s / a_p, "apply_small_surgeon_over_peft": as_s / as_p,
                    "train_surgeon_over_peft": t_s / t_p, "train_full_over_surgeon": t_f / t_s},
         "wall_s": wall,
+        "loadavg_before_after": [load_before, load_average()],
     }
 
     if not args.json:
@@ -316,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
                       "", "")
         table.add_row("loss after last step", *(f"{trained[n].loss:.4f}" for n in ("surgeon", "peft", "full")), "", "")
         Console(width=max(120, Console().width)).print(table)
-        print(f"wall time {wall:.1f} s")
+        print(f"wall time {wall:.1f} s; 1/5/15-min load average before {load_before}, after {load_average()} "
+              f"({threads} cores: a load above that means other processes shared the CPU)")
     print(json.dumps(figures), flush=True)
     return 0
 

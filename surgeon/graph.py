@@ -67,7 +67,7 @@ class ModuleInfo:
 
 def _features(info: ModuleInfo) -> tuple[int | None, int | None]:
     weight = info.params.get("weight")
-    if weight is None:
+    if weight is None or len(weight.shape) < 2:
         return None, None
     shape = weight.shape
     if info.kind == "conv1d":  # transformers' Conv1D stores (in, out)

@@ -106,6 +106,8 @@ def _syntax_error(err: UnexpectedInput, text: str, source: str) -> SpecError:
         token: Token = err.token  # type: ignore[attr-defined]
         shown = "end of line" if token.type == "_SEP" else f"'{token}'"
         message = f"unexpected {shown}"
+        if token.type not in ("_SEP", "$END") and location is not None:
+            location = Location(line=err.line, column=err.column, end_column=token.end_column)
         if token.type == "$END":
             lines = text.splitlines() or [""]
             location = Location(line=len(lines), column=len(lines[-1]) + 1)

@@ -153,6 +153,9 @@ class _Planner:
             else:
                 for path, slices in found.items():
                     chosen.setdefault(path, set()).update(slices)
+        if not chosen:
+            raise self.error("nothing is left to patch after 'except'", statement.location,
+                             "the except patterns remove every module the statement matched")
         return chosen
 
     def target(self, info: ModuleInfo, slices: set[str | None], method: type[Method]) -> Target:
@@ -217,9 +220,9 @@ class _Planner:
                     first, second = rewrites[a], rewrites[b]
                     if first.method in method_of(second).stacks_on:
                         dag.add_edge(a, b)
-                    elif second.method in method_of(first).stacks_on:
+                    if second.method in method_of(first).stacks_on:
                         dag.add_edge(b, a)
-                    else:
+                    if not dag.has_edge(a, b) and not dag.has_edge(b, a):
                         raise self.error(
                             f"{path} is targeted twice: by '{first.verb} {first.method}' "
                             f"(line {first.location.line}) and '{second.verb} {second.method}' "

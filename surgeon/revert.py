@@ -31,11 +31,14 @@ def verify(model: nn.Module, manifest: Manifest) -> None:
     problem = check_tensors(model, manifest.fingerprint)
     if problem:
         raise RevertError(problem)
-    for patch in manifest.patches:
-        module = model.get_submodule(patch.target)
+    first_class: dict[str, str] = {}
+    for patch in manifest.patches:  # stacked patches: the first one saw the original class
+        first_class.setdefault(patch.target, patch.original_class)
+    for target, original_class in first_class.items():
+        module = model.get_submodule(target)
         found = f"{type(module).__module__}.{type(module).__qualname__}"
-        if found != patch.original_class:
-            raise RevertError(f"{patch.target} is a {found}, the original was a {patch.original_class}")
+        if found != original_class:
+            raise RevertError(f"{target} is a {found}, the original was a {original_class}")
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     if trainable != set(manifest.trainable_before):
         changed = sorted(trainable ^ set(manifest.trainable_before))
