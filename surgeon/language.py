@@ -119,9 +119,17 @@ def _syntax_error(err: UnexpectedInput, text: str, source: str) -> SpecError:
     return SpecError(message, source=source, text=text, location=location, hint=hint)
 
 
+def _is_file(text: str) -> bool:
+    try:
+        return Path(text).is_file()
+    except OSError:  # e.g. a one-line spec longer than a file name may be
+        return False
+
+
 def read_spec_text(spec: str | Path) -> tuple[str, str]:
     """(text, source name) for a spec given as a path to a .peft file or as the text itself."""
-    if isinstance(spec, Path) or (isinstance(spec, str) and spec.endswith(".peft") and "\n" not in spec):
+    looks_like_path = "\n" not in str(spec) and (str(spec).endswith(".peft") or _is_file(str(spec)))
+    if isinstance(spec, Path) or looks_like_path:
         path = Path(spec)
         if not path.is_file():
             raise SurgeonError(f"spec file not found: {path}")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
@@ -26,6 +29,7 @@ class Surgery:
     base_originals: dict[str, torch.Tensor] = field(default_factory=dict)  # trained base params
 
 
+@lru_cache(maxsize=1)
 def _versions() -> dict[str, str]:
     found = {}
     for package in ("surgeon", "torch", "transformers"):
@@ -41,9 +45,13 @@ def _class_name(obj: object) -> str:
 
 
 def fingerprint(model: nn.Module, hashed: set[str] | None) -> dict[str, TensorRecord]:
-    """name, dtype and shape of every tensor; sha256 of those in `hashed` (None: all of them)."""
-    return {name: tensor_record(t, hashed is None or name in hashed)
-            for name, t in model.state_dict(keep_vars=True).items()}
+    """name, dtype and shape of every tensor; sha256 of those in `hashed` (None: all of them).
+
+    hashlib releases the GIL on large buffers, so the tensors are hashed on every core at once."""
+    tensors = model.state_dict(keep_vars=True)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        records = pool.map(lambda item: tensor_record(item[1], hashed is None or item[0] in hashed), tensors.items())
+        return dict(zip(tensors, records))
 
 
 def touched_tensor_names(model: nn.Module, plan: Plan) -> set[str]:

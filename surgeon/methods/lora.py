@@ -196,6 +196,7 @@ class Lora(Method):
     def apply(cls, model: nn.Module, target: Target, params: MethodParams, *, init: bool) -> Patch:
         assert isinstance(params, LoraParams)
         parent, attr, original = locate(model, target.path)
+        init = init and original.weight.device.type != "meta"  # nothing to draw on meta; it is slow there
         wrapper = _WRAPPERS[target.kind](original, target, params, init)
         patch = _LoraPatch(parent, attr, original, wrapper, params, target.path)
         if patch.bias_name:
