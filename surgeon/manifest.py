@@ -40,6 +40,7 @@ class SourceRef(BaseModel):
 
 class PatchRecord(BaseModel):
     method: str  # "inject lora"
+    name: str | None = None  # the statement's `as NAME`
     target: str
     slices: dict[str, tuple[int, int]] = Field(default_factory=dict)
     params: dict[str, Any]

@@ -183,7 +183,10 @@ class _Planner:
         rewrites = []
         for path, slices in self.targets(method, statement).items():
             info = self.graph.modules[path]
-            target = self.target(info, slices, method)
+            try:
+                target = self.target(info, slices, method)
+            except PlanError as problem:
+                raise self.error(str(problem), statement.location) from None
             reason = method.check(target, params)
             if reason:
                 raise self.error(reason, statement.location, "narrow the pattern or add 'except PATTERN'")
@@ -203,7 +206,7 @@ class _Planner:
         if tied and not params.tied:
             raise self.error(f"{info.path} shares its weights with {', '.join(tied)} (tied weights)",
                              statement.location,
-                             "add tied=true to patch it anyway (a merge then changes both), or 'except' it")
+                             "add tied=true to patch it anyway (a merge then unties them), or 'except' it")
 
     def order(self, rewrites: list[Rewrite]) -> tuple[Rewrite, ...]:
         """The rewrite graph: same-module rewrites must stack in an allowed order; no cycles."""

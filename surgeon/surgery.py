@@ -64,6 +64,7 @@ def touched_tensor_names(model: nn.Module, plan: Plan) -> set[str]:
 def _record(rewrite: Rewrite, patch: Patch, original_class: str) -> PatchRecord:
     return PatchRecord(
         method=f"{rewrite.verb} {rewrite.method}",
+        name=rewrite.label,
         target=rewrite.target.path,
         slices=rewrite.target.slices,
         params=rewrite.params,
