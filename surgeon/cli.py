@@ -18,13 +18,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
+from torch import nn
 
 from surgeon.errors import SurgeonError
 from surgeon.graph import ModuleGraph, build_module_graph, dtype_size
 from surgeon.job import apply as apply_spec
-from surgeon.job import load
+from surgeon.job import Job, load
 from surgeon.language import parse_spec, read_spec_text
-from surgeon.manifest import read_manifest
+from surgeon.manifest import Manifest, read_manifest
 from surgeon.models import load_model, reload_source, save_base_model
 from surgeon.patterns import PatternError, compile_pattern
 from surgeon.planner import Plan, plan
@@ -231,21 +232,27 @@ def revert(
     as_json: JsonOpt = False,
 ) -> None:
     """Write the original model back, bit-identical to the source, verified by the manifest's hashes."""
-    manifest = read_manifest(run)
-    _fresh_out(out_dir, force)
-    with _status("reading the source model", as_json):
-        model = reload_source(manifest.source)
-    with _status("re-applying and reverting", as_json):
-        job = load(run, model)
-        original = job.revert()
-    with _staged(out_dir, force) as staging:
-        save_base_model(original, staging)
+    manifest = _rerun_and_write(run, out_dir, force, as_json, "re-applying and reverting", Job.revert)
     hashed = sum(1 for r in manifest.fingerprint.values() if r.sha256)
     if as_json:
         print(json.dumps({"ok": True, "out": str(out_dir), "tensors": len(manifest.fingerprint), "hashed": hashed}))
         return
     out.print(f"reverted {len(manifest.patches)} patches; {len(manifest.fingerprint)} tensors match the "
               f"original ({hashed} by sha256); wrote {out_dir}")
+
+
+def _rerun_and_write(run: Path, out_dir: Path, force: bool, as_json: bool, doing: str,
+                     finish: Callable[[Job], nn.Module]) -> Manifest:
+    """Read the run's source model again, re-apply the run, `finish` it, write the result to out_dir."""
+    manifest = read_manifest(run)
+    _fresh_out(out_dir, force)
+    with _status("reading the source model", as_json):
+        model = reload_source(manifest.source)
+    with _status(doing, as_json):
+        result = finish(load(run, model))
+    with _staged(out_dir, force) as staging:
+        save_base_model(result, staging)
+    return manifest
 
 
 @app.command()
@@ -257,15 +264,7 @@ def merge(
     as_json: JsonOpt = False,
 ) -> None:
     """Write a plain checkpoint with the deltas folded in, loadable by stock transformers."""
-    manifest = read_manifest(run)
-    _fresh_out(out_dir, force)
-    with _status("reading the source model", as_json):
-        model = reload_source(manifest.source)
-    with _status("merging", as_json):
-        job = load(run, model)
-        merged = job.merge()
-    with _staged(out_dir, force) as staging:
-        save_base_model(merged, staging)
+    manifest = _rerun_and_write(run, out_dir, force, as_json, "merging", Job.merge)
     if as_json:
         print(json.dumps({"ok": True, "out": str(out_dir), "merged": len(manifest.patches)}))
         return
