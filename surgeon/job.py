@@ -141,7 +141,8 @@ def load(run_dir: str | Path, model: nn.Module) -> Job:
     except Exception:
         job.revert()
         raise
-    surgery.manifest = manifest
+    # the stored manifest, but this model's own requires_grad flags are what revert restores
+    surgery.manifest = manifest.model_copy(update={"trainable_before": surgery.manifest.trainable_before})
     for record, (_, patch) in zip(manifest.patches, surgery.patches):
         if record.merged:
             patch.merge()

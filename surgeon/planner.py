@@ -9,7 +9,7 @@ on the same module, reject conflicts, untold ties and cycles; its topological or
 from __future__ import annotations
 
 import difflib
-from typing import Any
+from typing import Any, get_args
 
 import networkx as nx
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -107,7 +107,9 @@ class _Planner:
                 raise self.error(f"unknown parameter '{key}' for {method.name}", location,
                                  did_you_mean(key, known) or "parameters: " + ", ".join(known)) from None
             value = by_key[key].value if key in by_key else None
-            raise self.error(f"bad value {value!r} for '{key}': {problem['msg']}", location) from None
+            choices = get_args(method.Params.model_fields[key].annotation) if key in method.Params.model_fields else ()
+            hint = did_you_mean(str(value), [str(c) for c in choices]) if problem["type"] == "literal_error" else None
+            raise self.error(f"bad value {value!r} for '{key}': {problem['msg']}", location, hint) from None
 
     def match(self, clause: Clause) -> dict[str, set[str | None]]:
         try:

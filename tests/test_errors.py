@@ -55,6 +55,7 @@ SPEC_ERRORS = [
     ("inject lora r=0 into *.attn.q", [":1:13: error: bad value 0 for 'r'", "greater than or equal to 1"]),
     ("inject lora dropout=1.5 into *.attn.q", ["bad value 1.5 for 'dropout'"]),
     ("inject lora init=xavier into *.attn.q", ["bad value 'xavier' for 'init'", "'gaussian' or 'kaiming'"]),
+    ("inject lora init=kaiming_uniform into *.attn.q", ["bad value 'kaiming_uniform' for 'init'", "did you mean 'kaiming'?"]),
     ("inject lora r=8 r=4 into *.attn.q", ["parameter 'r' is given twice"]),
     ("inject lora r=8 into *.atn.q", [":1:17: error: pattern '*.atn.q' matches no module", "nearest module names: attn.q"]),
     ("inject lora r=8 into *.attn.<q,v", ["bad pattern: '<' is never closed"]),
