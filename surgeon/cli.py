@@ -22,7 +22,7 @@ from torch import nn
 
 from surgeon.errors import SurgeonError
 from surgeon.graph import ModuleGraph, build_module_graph, dtype_size
-from surgeon.job import apply as apply_spec
+from surgeon.job import apply_checkpoint
 from surgeon.job import Job, load
 from surgeon.language import parse_spec, read_spec_text
 from surgeon.manifest import Manifest, read_manifest
@@ -209,10 +209,8 @@ def apply_command(
     text, source = read_spec_text(spec)
     parsed = parse_spec(text, source)
     _fresh_out(out_dir, force)
-    with _status("loading the model", as_json):
-        base, ref = load_model(model, checkpoint=checkpoint)
-    with _status("patching", as_json):
-        job = apply_spec(parsed, base, seed=seed, source=ref, full_fingerprint=full_fingerprint)
+    with _status("loading and patching the model", as_json):
+        job = apply_checkpoint(parsed, model, seed=seed, checkpoint=checkpoint, full_fingerprint=full_fingerprint)
     with _staged(out_dir, force) as staging:
         job.save(staging)
     summary = _plan_json(job.plan) | {"run": str(out_dir)}

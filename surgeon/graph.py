@@ -43,6 +43,7 @@ class ParamInfo:
     shape: tuple[int, ...]
     dtype: str
     owners: tuple[str, ...]  # every module path that holds this very tensor (tied weights: 2+)
+    merged: bool = False  # a merge put a delta into it
 
 
 @dataclass
@@ -227,7 +228,7 @@ class ModuleGraph:
                 owners = param_names[id(param)]
                 name = f"{path}.{local}" if path else local
                 pinfo = ParamInfo(name, tuple(param.shape), str(param.dtype).removeprefix("torch."),
-                                  tuple(p for p, _ in owners))
+                                  tuple(p for p, _ in owners), getattr(param, "_surgeon_merged", False))
                 info.params[local] = pinfo
                 canonical = owners[0][0] + "." + owners[0][1] if owners[0][0] else owners[0][1]
                 self.params.setdefault(canonical, pinfo)

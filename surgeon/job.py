@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -12,9 +15,12 @@ from torch import nn
 from surgeon.errors import ManifestError, PlanError, SurgeonError
 from surgeon.graph import build_module_graph
 from surgeon.language import parse_spec, read_spec_text
-from surgeon.manifest import (ADAPTER_FILE, TRAINED_BASE_PREFIX, Manifest, SourceRef, read_manifest,
-                              sha256_file)
-from surgeon.planner import Plan, plan
+from surgeon.manifest import (ADAPTER_FILE, ORIGINALS_DIR, TRAINED_BASE_PREFIX, Manifest, OriginalsRef,
+                              SourceRef, read_manifest, sha256_file)
+from surgeon.methods.base import ApplyContext
+from surgeon.models import checkpoint_matches, load_model, load_model_skeleton, stream_checkpoint
+from surgeon.originals import CheckpointOriginals, Originals, SpilledOriginals, originals_for
+from surgeon.planner import Plan, method_of, plan
 from surgeon.revert import check_tensors, revert_surgery
 from surgeon.spec import Spec
 from surgeon.surgery import Surgery, apply_plan
@@ -72,8 +78,14 @@ class Job:
             raise SurgeonError("the model is on the meta device: there are no weights to save")
         save_file(tensors, str(run_dir / ADAPTER_FILE))
         (run_dir / "spec.peft").write_text(self.manifest.spec_text)
-        surgery.manifest = self.manifest.model_copy(update={"adapter_sha256": sha256_file(run_dir / ADAPTER_FILE)})
-        surgery.manifest.write(run_dir)
+        update: dict[str, object] = {"adapter_sha256": sha256_file(run_dir / ADAPTER_FILE)}
+        spilled = self.manifest.originals
+        if spilled.kind == "spilled" and spilled.location and Path(spilled.location).is_dir():
+            shutil.copytree(spilled.location, run_dir / ORIGINALS_DIR, dirs_exist_ok=True)
+            update["originals"] = spilled.model_copy(update={"location": ORIGINALS_DIR})
+        written = self.manifest.model_copy(update=update)
+        written.write(run_dir)
+        surgery.manifest = written.model_copy(update={"originals": spilled})
         return run_dir
 
     def merge(self) -> nn.Module:
@@ -107,14 +119,50 @@ def check(spec: str | Path | Spec, model: nn.Module) -> Plan:
     return plan(_spec_of(spec), build_module_graph(model))
 
 
+def _originals_for(source: SourceRef, spill_to: str | Path | None) -> tuple[Originals, OriginalsRef]:
+    """Replaced originals are re-read from the source checkpoint when there is one, else spilled."""
+    if source.kind == "hf" and source.location and spill_to is None:
+        return CheckpointOriginals(source.location), OriginalsRef(kind="checkpoint", location=source.location)
+    folder = Path(spill_to) if spill_to else Path(tempfile.gettempdir()) / f"surgeon-originals-{uuid.uuid4().hex[:12]}"
+    return SpilledOriginals(folder), OriginalsRef(kind="spilled", location=str(folder.resolve()))
+
+
 def apply(spec: str | Path | Spec, model: nn.Module, *, seed: int | None = None,
-          source: SourceRef | None = None, full_fingerprint: bool = False) -> Job:
-    """Patch `model` in place as `spec` says (a .peft path or the spec text). Nothing changes on error."""
+          source: SourceRef | None = None, full_fingerprint: bool = False,
+          originals_dir: str | Path | None = None) -> Job:
+    """Patch `model` in place as `spec` says (a .peft path or the spec text). Nothing changes on error.
+
+    A lossy rewrite (quantization) first writes the tensors it replaces to `originals_dir` (default:
+    a fresh folder in the temp directory; `job.save()` copies it into the run), unless `source`
+    names the checkpoint they can be re-read from."""
     the_plan = check(spec, model)
     if seed is not None:
         torch.manual_seed(seed)
-    surgery = apply_plan(the_plan, model, source=source or SourceRef(kind="memory"),
-                         full_fingerprint=full_fingerprint)
+    source = source or SourceRef(kind="memory")
+    originals, ref = _originals_for(source, originals_dir)
+    surgery = apply_plan(the_plan, model, source=source, ctx=ApplyContext(originals=originals),
+                         full_fingerprint=full_fingerprint, originals_ref=ref)
+    return Job(surgery)
+
+
+def apply_checkpoint(spec: str | Path | Spec, model_ref: str, *, seed: int | None = None,
+                     checkpoint: str | None = None, full_fingerprint: bool = False) -> Job:
+    """Load MODEL and apply `spec`, streaming the checkpoint tensor by tensor when the spec
+    quantizes, so the full-precision model is never in memory at once."""
+    skeleton, source = load_model(model_ref, checkpoint=checkpoint, meta=True)
+    the_plan = plan(_spec_of(spec), build_module_graph(skeleton))
+    streaming = any(method_of(r).streams for r in the_plan.rewrites)
+    if source.kind != "hf" or not streaming or not checkpoint_matches(Path(model_ref), skeleton):
+        model, source = load_model(model_ref, checkpoint=checkpoint)
+        return apply(the_plan.spec, model, seed=seed, source=source, full_fingerprint=full_fingerprint)
+    del skeleton
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = load_model_skeleton(Path(model_ref))
+    originals, ref = _originals_for(source, None)
+    surgery = apply_plan(the_plan, model, source=source, ctx=ApplyContext(originals=originals),
+                         full_fingerprint=full_fingerprint, stream=stream_checkpoint(Path(model_ref)),
+                         originals_ref=ref)
     return Job(surgery)
 
 
@@ -134,7 +182,12 @@ def load(run_dir: str | Path, model: nn.Module) -> Job:
         raise ManifestError(f"the model is not the base model of {run_dir}: {problem}")
     spec = parse_spec(manifest.spec_text, manifest.spec_source)
     tensors = _read_adapters(run_dir)
-    surgery = apply_plan(plan(spec, build_module_graph(model)), model, source=manifest.source, init=False)
+    ref = manifest.originals
+    if ref.kind == "spilled" and ref.location and not Path(ref.location).is_absolute():
+        ref = ref.model_copy(update={"location": str((run_dir / ref.location).resolve())})
+    ctx = ApplyContext(init=False, originals=originals_for(ref.kind, ref.location))
+    surgery = apply_plan(plan(spec, build_module_graph(model)), model, source=manifest.source, ctx=ctx,
+                         originals_ref=ref)
     job = Job(surgery)
     try:
         _fill(job, tensors)
@@ -142,7 +195,8 @@ def load(run_dir: str | Path, model: nn.Module) -> Job:
         job.revert()
         raise
     # the stored manifest, but this model's own requires_grad flags are what revert restores
-    surgery.manifest = manifest.model_copy(update={"trainable_before": surgery.manifest.trainable_before})
+    surgery.manifest = manifest.model_copy(update={"trainable_before": surgery.manifest.trainable_before,
+                                                   "originals": ref})
     for record, (_, patch) in zip(manifest.patches, surgery.patches):
         if record.merged:
             patch.merge()

@@ -15,6 +15,7 @@ from surgeon.spec import Clause, Param, Spec, Statement, Word
 # What the parser's terminal names mean to a person reading the error.
 _TERMINAL_WORDS = {
     "WORD": "a word",
+    "ARG": "a word",
     "KEY": "a parameter (key=value)",
     "PATTERN": "a module pattern",
     "SIGNED_NUMBER": "a number",

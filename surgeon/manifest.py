@@ -20,6 +20,7 @@ SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 ADAPTER_FILE = "adapters.safetensors"
 TRAINED_BASE_PREFIX = "trained_base::"
+ORIGINALS_DIR = "originals"
 
 
 class TensorRecord(BaseModel):
@@ -36,6 +37,14 @@ class SourceRef(BaseModel):
     kind: Literal["hf", "factory", "memory"]
     location: str | None = None  # a directory, or package.module:factory
     checkpoint: str | None = None  # safetensors weights for a factory model
+
+
+class OriginalsRef(BaseModel):
+    """Where replaced originals can be read back (see surgeon/originals.py)."""
+
+    model_config = ConfigDict(frozen=True)
+    kind: Literal["none", "checkpoint", "spilled"] = "none"
+    location: str | None = None  # a checkpoint directory, or a folder (relative: inside the run)
 
 
 class PatchRecord(BaseModel):
@@ -62,6 +71,7 @@ class Manifest(BaseModel):
     fingerprint_full: bool = False
     trainable_before: list[str]
     patches: list[PatchRecord]
+    originals: OriginalsRef = Field(default_factory=OriginalsRef)
     adapter_sha256: str | None = None
     integrity: str | None = None
 

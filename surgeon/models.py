@@ -5,15 +5,18 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
 from torch import nn
 
 from surgeon.errors import ModelLoadError
 from surgeon.manifest import SourceRef
+from surgeon.originals import checkpoint_index
 
 
 def _is_factory(ref: str) -> bool:
@@ -80,6 +83,59 @@ def _load_hf(model_dir: Path, meta: bool) -> nn.Module:
     except (OSError, ValueError, SafetensorError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"cannot load the model in {model_dir}: {first}") from None
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Build a model whose parameters live on the meta device while its buffers (rotary
+    frequencies, position ids) are computed for real: the skeleton a streamed checkpoint fills."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def load_model_skeleton(model_dir: Path) -> nn.Module:
+    """A Hugging Face model with meta parameters and real buffers, in eval mode, for streaming."""
+    from transformers import AutoConfig
+
+    cls = _hf_class(model_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    with _parameters_on_meta():
+        model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+    return model.eval()
+
+
+def checkpoint_matches(model_dir: Path, skeleton: nn.Module) -> bool:
+    """Whether the checkpoint's tensor names are the model's state-dict names (streamable as is)."""
+    names = set(checkpoint_index(model_dir))
+    state = set(skeleton.state_dict())
+    owners: dict[int, set[str]] = {}
+    for name, param in skeleton.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), set()).add(name)
+    return names <= state and all(aliases & names for aliases in owners.values())
+
+
+def stream_checkpoint(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of a Hugging Face checkpoint, one shard and tensor at a time."""
+    by_file: dict[Path, list[str]] = {}
+    for name, path in checkpoint_index(model_dir).items():
+        by_file.setdefault(path, []).append(name)
+    for path, names in by_file.items():
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for name in names:
+                    yield name, handle.get_tensor(name)
+        except (OSError, SafetensorError) as err:
+            raise ModelLoadError(f"cannot read checkpoint {path}: {err}") from None
 
 
 def load_model(ref: str, *, checkpoint: str | None = None, meta: bool = False) -> tuple[nn.Module, SourceRef]:

@@ -16,9 +16,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from surgeon.errors import Location, PlanError, SpecError, did_you_mean
 from surgeon.graph import ModuleGraph, ModuleInfo
-from surgeon.methods.base import Method, MethodParams, Target, registry
+from surgeon.methods.base import Method, MethodParams, Target, WordArgs, WordError, registry
 from surgeon.patterns import PatternError, compile_pattern
-from surgeon.spec import Clause, Param, Spec, Statement
+from surgeon.spec import Clause, Param, Spec, Statement, Word
 
 
 class Rewrite(BaseModel):
@@ -31,6 +31,8 @@ class Rewrite(BaseModel):
     added: dict[str, tuple[int, ...]]
     location: Location
     label: str | None = None
+    bytes_before: int = 0  # the target's own tensors, before and after (quantization shrinks them)
+    bytes_after: int = 0
 
     @property
     def added_count(self) -> int:
@@ -70,34 +72,40 @@ class _Planner:
     def error(self, message: str, location: Location | None, hint: str | None = None) -> SpecError:
         return SpecError(message, source=self.spec.source, text=self.spec.text, location=location, hint=hint)
 
-    def resolve(self, statement: Statement) -> type[Method]:
+    def resolve(self, statement: Statement) -> tuple[type[Method], tuple[Word, ...]]:
+        """The method a statement names, and the words after its name. A method registered under
+        its verb alone (`quantize`) takes every word after the verb."""
         methods = registry()
         verbs = {verb for verb, _ in methods}
         verb = statement.verb.text
         if verb not in verbs:
             raise self.error(f"unknown verb '{verb}'", statement.verb.location,
                              did_you_mean(verb, verbs) or "verbs: " + ", ".join(sorted(verbs)))
+        words = statement.words
+        if words and (verb, words[0].text) in methods:
+            return methods[(verb, words[0].text)], words[1:]
+        if (verb, verb) in methods:
+            return methods[(verb, verb)], words
         names = [name for v, name in methods if v == verb]
-        if not statement.words:
+        if not words:
             raise self.error(f"'{verb}' needs a method name", statement.verb.location, "methods: " + ", ".join(sorted(names)))
-        word = statement.words[0]
-        if (verb, word.text) not in methods:
-            raise self.error(f"unknown method '{verb} {word.text}'", word.location,
-                             did_you_mean(word.text, names) or "methods: " + ", ".join(sorted(names)))
-        if len(statement.words) > 1:
-            extra = statement.words[1]
-            raise self.error(f"unexpected word '{extra.text}' after '{verb} {word.text}'", extra.location,
-                             "parameters are written key=value")
-        return methods[(verb, word.text)]
+        raise self.error(f"unknown method '{verb} {words[0].text}'", words[0].location,
+                         did_you_mean(words[0].text, names) or "methods: " + ", ".join(sorted(names)))
 
-    def validate(self, method: type[Method], statement: Statement) -> MethodParams:
+    def read_words(self, method: type[Method], words: tuple[Word, ...], statement: Statement) -> WordArgs:
+        try:
+            return method.read_words(words)
+        except WordError as problem:
+            raise self.error(str(problem), problem.word.location, problem.hint) from None
+
+    def validate(self, method: type[Method], statement: Statement, from_words: dict[str, Any]) -> MethodParams:
         by_key: dict[str, Param] = {}
         for param in statement.params:
-            if param.key in by_key:
+            if param.key in by_key or param.key in from_words:
                 raise self.error(f"parameter '{param.key}' is given twice", param.location)
             by_key[param.key] = param
         try:
-            return method.Params(**{k: p.value for k, p in by_key.items()})
+            return method.Params(**from_words, **{k: p.value for k, p in by_key.items()})
         except ValidationError as err:
             problem = err.errors()[0]
             key = str(problem["loc"][0]) if problem["loc"] else ""
@@ -129,19 +137,25 @@ class _Planner:
         close = difflib.get_close_matches(".".join(tail), sorted(keys), n=3, cutoff=0.5)
         return "nearest module names: " + ", ".join(close) if close else None
 
-    def targets(self, method: type[Method], statement: Statement) -> dict[str, set[str | None]]:
+    def targets(self, method: type[Method], statement: Statement, args: WordArgs) -> dict[str, set[str | None]]:
         allowed = method.prepositions | {"except"}
         for clause in statement.clauses:
             if clause.preposition not in allowed:
                 raise self.error(f"{method.name} does not take '{clause.preposition}'", clause.location,
                                  "use " + " or ".join(f"'{p}'" for p in sorted(method.prepositions)))
+        clauses = [Clause(preposition="into", pattern=text, location=word.location) for text, word in args.patterns]
+        clauses += [Clause(preposition="except", pattern=text, location=statement.location) for text in args.excepts]
+        clauses += list(statement.clauses)
         chosen: dict[str, set[str | None]] = {}
-        includes = [c for c in statement.clauses if c.preposition != "except"]
-        if not includes and method.prepositions:
+        if not any(c.preposition != "except" for c in clauses) and method.prepositions:
             first = sorted(method.prepositions)[0]
             raise self.error(f"{method.name} needs a target: '{first} PATTERN'", statement.location)
-        for clause in statement.clauses:
+        for clause in clauses:
             found = self.match(clause)
+            if args.lenient and clause.preposition != "except":
+                found = {p: s for p, s in found.items() if self.graph.modules[p].kind in method.kinds}
+            if not found and (clause.preposition == "except" and clause not in statement.clauses):
+                continue  # an exclusion the method added itself may find nothing to exclude
             if not found:
                 raise self.error(f"pattern '{clause.pattern}' matches no module", clause.location,
                                  self.nearest(clause.pattern))
@@ -177,13 +191,15 @@ class _Planner:
             out_features=info.out_features,
             dtype=weight.dtype if weight else None,
             has_bias="bias" in info.params,
+            merged=any(p.merged for p in info.params.values()),
         )
 
     def statement_rewrites(self, index: int, statement: Statement) -> list[Rewrite]:
-        method = self.resolve(statement)
-        params = self.validate(method, statement)
+        method, words = self.resolve(statement)
+        args = self.read_words(method, words, statement)
+        params = self.validate(method, statement, args.params)
         rewrites = []
-        for path, slices in self.targets(method, statement).items():
+        for path, slices in self.targets(method, statement, args).items():
             info = self.graph.modules[path]
             try:
                 target = self.target(info, slices, method)
@@ -193,10 +209,11 @@ class _Planner:
             if reason:
                 raise self.error(reason, statement.location, "narrow the pattern or add 'except PATTERN'")
             self.check_aliasing(info, params, statement)
+            before, after = method.memory(target, params)
             rewrites.append(Rewrite(
                 statement=index, verb=method.verb, method=method.name,
                 params=params.model_dump(), target=target, added=method.added_shapes(target, params),
-                location=statement.location, label=statement.name,
+                location=statement.location, label=statement.name, bytes_before=before, bytes_after=after,
             ))
         return rewrites
 

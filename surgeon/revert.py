@@ -46,7 +46,11 @@ def verify(model: nn.Module, manifest: Manifest) -> None:
 
 
 def revert_surgery(surgery: Surgery) -> nn.Module:
-    """Stage entry: undo every patch (merged ones too), restore trained base tensors, verify."""
+    """Stage entry: undo every patch (merged ones too), restore trained base tensors, verify.
+    Every patch first proves it can be undone (its originals are readable and unchanged), so a
+    revert that cannot complete changes nothing."""
+    for _, patch in surgery.patches:
+        patch.check_revertible()
     rollback(surgery.model, surgery.patches, set(surgery.manifest.trainable_before))
     params = dict(surgery.model.named_parameters())
     with torch.no_grad():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
@@ -12,9 +13,9 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 from torch import nn
 
-from surgeon.errors import SurgeonError, SurgeryError
-from surgeon.manifest import Manifest, PatchRecord, SourceRef, TensorRecord, tensor_record
-from surgeon.methods.base import Patch
+from surgeon.errors import ModelLoadError, SurgeonError, SurgeryError
+from surgeon.manifest import Manifest, OriginalsRef, PatchRecord, SourceRef, TensorRecord, tensor_record
+from surgeon.methods.base import ApplyContext, Patch
 from surgeon.planner import Plan, Rewrite, method_of, params_of
 
 
@@ -82,27 +83,88 @@ def rollback(model: nn.Module, patches: list[tuple[Rewrite, Patch]], trainable_b
         param.requires_grad_(name in trainable_before)
 
 
-def apply_plan(plan: Plan, model: nn.Module, *, source: SourceRef, init: bool = True,
-               full_fingerprint: bool = False) -> Surgery:
-    """Stage entry: patch `model` in place following `plan`, or leave it exactly as it was."""
+def _load_streaming(model: nn.Module, stream: Iterable[tuple[str, torch.Tensor]], hashed: set[str] | None,
+                    on_module_loaded: Callable[[str], None]) -> dict[str, TensorRecord]:
+    """Fill a model whose parameters are on the meta device from (name, tensor) pairs, one at a time,
+    hashing each as it is read and calling `on_module_loaded(path)` once a module has all its
+    parameters, so a streaming rewrite (quantization) can replace them before the next one arrives."""
+    state = model.state_dict(keep_vars=True)
+    pending: dict[str, set[str]] = {}
+    for path, module in model.named_modules():
+        names = {n for n, p in module._parameters.items() if p is not None}
+        if names:
+            pending[path] = names
+    prints: dict[str, TensorRecord] = {}
+    for name, tensor in stream:
+        if name not in state:
+            raise ModelLoadError(f"the checkpoint holds {name}, which the model does not have")
+        path, _, local = name.rpartition(".")
+        module = model.get_submodule(path)
+        current = state[name]
+        if tuple(current.shape) != tuple(tensor.shape):
+            raise ModelLoadError(f"the checkpoint's {name} is {tuple(tensor.shape)}, the model expects "
+                                 f"{tuple(current.shape)}")
+        prints[name] = tensor_record(tensor, hashed is None or name in hashed)
+        if local in module._parameters:
+            torch.utils.swap_tensors(current, nn.Parameter(tensor, requires_grad=current.requires_grad))
+            pending.get(path, set()).discard(local)
+            if path in pending and not pending[path]:
+                del pending[path]
+                on_module_loaded(path)
+        else:
+            module._buffers[local] = tensor
+    still_meta = [n for n, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
+    if still_meta:
+        raise ModelLoadError(f"the checkpoint does not hold {', '.join(still_meta[:3])}")
+    for name, tensor in model.state_dict(keep_vars=True).items():  # tied aliases, buffers made at init
+        prints.setdefault(name, tensor_record(tensor, hashed is None or name in hashed))
+    return {name: prints[name] for name in state}
+
+
+def apply_plan(plan: Plan, model: nn.Module, *, source: SourceRef, ctx: ApplyContext | None = None,
+               full_fingerprint: bool = False, stream: Iterable[tuple[str, torch.Tensor]] | None = None,
+               originals_ref: OriginalsRef | None = None) -> Surgery:
+    """Stage entry: patch `model` in place following `plan`, or leave it exactly as it was.
+
+    With `stream`, the model's parameters are on the meta device and arrive as (name, tensor)
+    pairs; rewrites of streaming methods are applied as soon as their module is loaded, so peak
+    memory stays near the patched model's size."""
+    ctx = ctx or ApplyContext()
     touched = touched_tensor_names(model, plan)
-    prints = fingerprint(model, None if full_fingerprint else touched)
+    hashed = None if full_fingerprint else touched
     trainable_before = {name for name, p in model.named_parameters() if p.requires_grad}
     for param in model.parameters():
         param.requires_grad_(False)
     patches: list[tuple[Rewrite, Patch]] = []
     records: list[PatchRecord] = []
+    done: set[int] = set()
+
+    def apply_one(index: int) -> None:
+        rewrite = plan.rewrites[index]
+        original_class = _class_name(model.get_submodule(rewrite.target.path))
+        patch = method_of(rewrite).apply(model, rewrite.target, params_of(rewrite), ctx)
+        patches.append((rewrite, patch))
+        records.append(_record(rewrite, patch, original_class))
+        done.add(index)
+
+    def on_module_loaded(path: str) -> None:
+        for index, rewrite in enumerate(plan.rewrites):
+            if rewrite.target.path == path and method_of(rewrite).streams and index not in done:
+                apply_one(index)
+
     try:
-        for rewrite in plan.rewrites:
-            original_class = _class_name(model.get_submodule(rewrite.target.path))
-            patch = method_of(rewrite).apply(model, rewrite.target, params_of(rewrite), init=init)
-            patches.append((rewrite, patch))
-            records.append(_record(rewrite, patch, original_class))
+        if stream is None:
+            prints = fingerprint(model, hashed)
+        else:
+            prints = _load_streaming(model, stream, hashed, on_module_loaded)
+        for index in range(len(plan.rewrites)):
+            if index not in done:
+                apply_one(index)
     except Exception as err:
         rollback(model, patches, trainable_before)
         if isinstance(err, SurgeonError):
             raise
-        failed = plan.rewrites[len(patches)].target.path
+        failed = plan.rewrites[min(len(patches), len(plan.rewrites) - 1)].target.path
         raise SurgeryError(f"patching {failed} failed ({type(err).__name__}: {err}); "
                            f"the {len(patches)} patches made before it were rolled back") from err
     base_originals = {}
@@ -119,5 +181,6 @@ def apply_plan(plan: Plan, model: nn.Module, *, source: SourceRef, init: bool = 
         fingerprint_full=full_fingerprint,
         trainable_before=sorted(trainable_before),
         patches=records,
+        originals=originals_ref or OriginalsRef(),
     )
     return Surgery(model=model, plan=plan, patches=patches, manifest=manifest, base_originals=base_originals)

@@ -35,7 +35,7 @@ def _dummy(name: str, stacks_on: frozenset[str]) -> type[base.Method]:
             return {"gain": ()}
 
         @classmethod
-        def apply(cls, model, target, params, *, init):
+        def apply(cls, model, target, params, ctx):
             cls.applied.append(f"{cls.name}:{target.path}")
             parent, attr, original = base.locate(model, target.path)
             return base.WrapPatch(parent, attr, original, _Scale(original))
@@ -83,11 +83,11 @@ def test_a_failure_halfway_rolls_back_everything(monkeypatch):
     calls = []
     real_apply = Lora.apply.__func__
 
-    def flaky(cls, model, target, params, *, init):
+    def flaky(cls, model, target, params, ctx):
         calls.append(target.path)
         if len(calls) == 3:
             raise RuntimeError("disk on fire")
-        return real_apply(cls, model, target, params, init=init)
+        return real_apply(cls, model, target, params, ctx)
 
     monkeypatch.setattr(Lora, "apply", classmethod(flaky))
     with pytest.raises(SurgeryError, match=r"patching model.layers.1.self_attn.q_proj failed .*disk on fire.*2 patches"):

@@ -7,7 +7,9 @@ A method is a class with:
 - `kinds`: the module kinds it accepts (`linear`, `conv1d`, `embedding`, `conv2d`, `model`, ...),
 - `check(target, params)`: a reason to reject a target, from shapes alone (no tensor is read),
 - `added_shapes(target, params)`: the parameters it will add, for the plan and the totals,
-- `apply(model, target, params, init)`: patch and return a `Patch`, which knows how to undo itself.
+- `read_words(words)`: what the bare words after the method name mean (`quantize base nf4 double`),
+- `memory(target, params)`: bytes of the target's own tensors before and after (quantization),
+- `apply(model, target, params, ctx)`: patch and return a `Patch`, which knows how to undo itself.
 
 Three seams cover the catalogue (DESIGN.md): wrap a layer (`WrapPatch` below: the original module
 object is kept inside the wrapper and put back on revert), add a module in the data path (hooks or a
@@ -18,13 +20,24 @@ buffers). All three hand back a `Patch`; the surgery stage only ever calls its m
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from surgeon.errors import PlanError
+from surgeon.originals import Originals
+from surgeon.spec import Word
+
+
+class WordError(PlanError):
+    """A statement's bare word that the method cannot read; the planner points at it."""
+
+    def __init__(self, message: str, word: Word, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.word, self.hint = word, hint
 
 
 class MethodParams(BaseModel):
@@ -48,6 +61,27 @@ class Target(BaseModel):
     out_features: int | None = None
     dtype: str | None = None
     has_bias: bool = False
+    merged: bool = False  # its weight already holds a merged delta
+
+
+@dataclass
+class ApplyContext:
+    """What the surgery hands every `apply`: whether to draw initial weights, and where replaced
+    originals are kept readable."""
+
+    init: bool = True
+    originals: Originals | None = None
+
+
+@dataclass
+class WordArgs:
+    """What a statement's bare words said: parameters, and target patterns with their locations.
+    `lenient` targets keep only the modules the method accepts (`base` = every linear layer)."""
+
+    params: dict[str, Any] = field(default_factory=dict)
+    patterns: list[tuple[str, Word]] = field(default_factory=list)
+    excepts: list[str] = field(default_factory=list)
+    lenient: bool = False
 
 
 class Patch(ABC):
@@ -70,6 +104,10 @@ class Patch(ABC):
     def merge(self) -> None:
         raise PlanError(f"{type(self).__name__} cannot be merged into the weights")
 
+    def check_revertible(self) -> None:
+        """Raise RevertError if revert could not be completed (originals gone or changed).
+        Called for every patch before any of them is reverted, so a failure changes nothing."""
+
 
 class Method(ABC):
     verb: ClassVar[str]
@@ -80,7 +118,21 @@ class Method(ABC):
     takes_slices: ClassVar[bool] = False  # can it act on a q/k/v slice of a fused projection?
     stacks_on: ClassVar[frozenset[str]] = frozenset()  # methods that may precede it on one module
     mergeable: ClassVar[bool] = False
+    streams: ClassVar[bool] = False  # may be applied tensor by tensor while a checkpoint loads
     summary: ClassVar[str] = ""
+
+    @classmethod
+    def read_words(cls, words: tuple[Word, ...]) -> WordArgs:
+        """Bare words after the method name. Most methods take none."""
+        if words:
+            raise WordError(f"unexpected word '{words[0].text}' after '{cls.verb} {cls.name}'", words[0],
+                            "parameters are written key=value")
+        return WordArgs()
+
+    @classmethod
+    def memory(cls, target: Target, params: MethodParams) -> tuple[int, int]:
+        """Bytes of the target's own tensors before and after the rewrite (added ones apart)."""
+        return 0, 0
 
     @classmethod
     def check(cls, target: Target, params: MethodParams) -> str | None:
@@ -97,8 +149,8 @@ class Method(ABC):
 
     @classmethod
     @abstractmethod
-    def apply(cls, model: nn.Module, target: Target, params: MethodParams, *, init: bool) -> Patch:
-        """Patch the module at target.path of `model` and return the patch. `init=False`: the
+    def apply(cls, model: nn.Module, target: Target, params: MethodParams, ctx: ApplyContext) -> Patch:
+        """Patch the module at target.path of `model` and return the patch. `ctx.init` False: the
         caller will load the added weights, so skip random initialisation."""
 
 
@@ -134,6 +186,7 @@ class WrapPatch(Patch):
     def __init__(self, parent: nn.Module, attr: str, original: nn.Module, wrapper: nn.Module) -> None:
         self.parent, self.attr, self.original, self.wrapper = parent, attr, original, wrapper
         self.replaced: dict[str, nn.Parameter] = {}
+        self.merged_into: nn.Module | None = None
         self.mergeable = hasattr(wrapper, "delta_weights")
         setattr(parent, attr, wrapper)
 
@@ -143,19 +196,25 @@ class WrapPatch(Patch):
     def merge(self) -> None:
         if not self.mergeable:
             super().merge()
-        if self.replaced:
+        if self.merged_into is not None:
             return
         with torch.no_grad():
             deltas = self.wrapper.delta_weights()
-            for name, delta in deltas.items():
-                old = self.original._parameters[name]
-                self.replaced[name] = old
-                merged = (old.to(delta.dtype) + delta).to(old.dtype)
-                self.original._parameters[name] = nn.Parameter(merged, requires_grad=old.requires_grad)
-        setattr(self.parent, self.attr, self.original)
+            if hasattr(self.original, "merged_with"):  # a patched base (quantized) folds it itself
+                self.merged_into = self.original.merged_with(deltas)
+            else:
+                for name, delta in deltas.items():
+                    old = self.original._parameters[name]
+                    self.replaced[name] = old
+                    merged = nn.Parameter((old + delta.to(old.dtype)), requires_grad=old.requires_grad)
+                    merged._surgeon_merged = True  # type: ignore[attr-defined]
+                    self.original._parameters[name] = merged
+                self.merged_into = self.original
+        setattr(self.parent, self.attr, self.merged_into)
 
     def revert(self) -> None:
         for name, old in self.replaced.items():
             self.original._parameters[name] = old
         self.replaced = {}
+        self.merged_into = None
         setattr(self.parent, self.attr, self.original)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from surgeon.methods.base import Method, MethodParams, Patch, Target, WrapPatch, locate, register
+from surgeon.methods.base import ApplyContext, Method, MethodParams, Patch, Target, WrapPatch, locate, register
 
 
 class LoraParams(MethodParams):
@@ -40,6 +40,13 @@ def _init_a(weight: torch.Tensor, params: LoraParams) -> None:
         nn.init.normal_(weight, std=1.0 / params.r)
 
 
+def _dtype_device(base: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """LoRA weights live in the base's compute dtype (a quantized base says which) and device."""
+    if hasattr(base, "compute_dtype"):
+        return base.compute_dtype, base.device
+    return base.weight.dtype, base.weight.device
+
+
 class _LoraBase(nn.Module):
     def __init__(self, base: nn.Module, params: LoraParams) -> None:
         super().__init__()
@@ -49,8 +56,8 @@ class _LoraBase(nn.Module):
         self.train(base.training)  # a wrapper made while the model is in eval mode stays in eval mode
 
     def _new(self, *shape: int) -> nn.Parameter:
-        weight = self.base.weight
-        return nn.Parameter(torch.zeros(shape, dtype=weight.dtype, device=weight.device))
+        dtype, device = _dtype_device(self.base)
+        return nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
 
 
 class LoraLinear(_LoraBase):
@@ -66,6 +73,7 @@ class LoraLinear(_LoraBase):
         self.slices = dict(target.slices)
         d_in, d_out = target.in_features, target.out_features
         assert d_in is not None and d_out is not None
+        self.in_features, self.out_features = d_in, d_out
         if not self.slices:
             self.lora_A = self._new(params.r, d_in)
             self.lora_B = self._new(d_out, params.r)
@@ -88,15 +96,14 @@ class LoraLinear(_LoraBase):
         return out
 
     def delta_weights(self) -> dict[str, torch.Tensor]:
-        weight = self.base.weight
-        delta = torch.zeros(weight.shape[::-1] if self.transposed else weight.shape, dtype=weight.dtype,
-                            device=weight.device)
+        dtype, device = _dtype_device(self.base)
+        delta = torch.zeros((self.out_features, self.in_features), dtype=dtype, device=device)
         if not self.slices:
             delta += (self.lora_B @ self.lora_A) * self.scale
         for name, (start, stop) in self.slices.items():
             a, b = getattr(self, f"lora_A_{name}"), getattr(self, f"lora_B_{name}")
             delta[start:stop] += (b @ a) * self.scale
-        return {"weight": delta.T if self.transposed else delta}
+        return {"weight": delta.T if self.transposed else delta}  # in the layout of the original module
 
 
 class LoraEmbedding(_LoraBase):
@@ -194,10 +201,10 @@ class Lora(Method):
         return shapes
 
     @classmethod
-    def apply(cls, model: nn.Module, target: Target, params: MethodParams, *, init: bool) -> Patch:
+    def apply(cls, model: nn.Module, target: Target, params: MethodParams, ctx: ApplyContext) -> Patch:
         assert isinstance(params, LoraParams)
         parent, attr, original = locate(model, target.path)
-        init = init and original.weight.device.type != "meta"  # nothing to draw on meta; it is slow there
+        init = ctx.init and _dtype_device(original)[1].type != "meta"  # nothing to draw on meta; slow there
         wrapper = _WRAPPERS[target.kind](original, target, params, init)
         patch = _LoraPatch(parent, attr, original, wrapper, params, target.path)
         if patch.bias_name:

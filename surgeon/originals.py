@@ -1,0 +1,100 @@
+"""Where the originals of replaced tensors stay readable, so a lossy step never destroys the way back.
+
+- `CheckpointOriginals`: the source checkpoint itself (a Hugging Face directory, one safetensors
+  file or shards with an index); nothing is copied.
+- `SpilledOriginals`: for a model that exists only in memory, apply writes each replaced tensor to
+  its own safetensors file in a folder named in the manifest, before the tensor is dropped.
+
+Either way revert checks what it reads against the sha256 in the manifest's fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from surgeon.errors import RevertError
+
+
+class Originals(Protocol):
+    location: str
+
+    def keep(self, name: str, tensor: torch.Tensor) -> None:
+        """Make sure `tensor` (the state-dict entry `name`) can be read back later."""
+
+    def read(self, name: str) -> torch.Tensor:
+        """The original tensor, or RevertError saying why it cannot be read."""
+
+
+class CheckpointOriginals:
+    def __init__(self, model_dir: str | Path) -> None:
+        self.location = str(Path(model_dir).resolve())
+        self._files: dict[str, Path] | None = None
+
+    def _file_of(self, name: str) -> Path:
+        if self._files is None:
+            self._files = checkpoint_index(Path(self.location))
+        if name not in self._files:
+            raise RevertError(f"the source checkpoint {self.location} no longer holds {name}")
+        return self._files[name]
+
+    def keep(self, name: str, tensor: torch.Tensor) -> None:
+        self._file_of(name)  # it is already on disk; only make sure it can be found there
+
+    def read(self, name: str) -> torch.Tensor:
+        path = self._file_of(name)
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return handle.get_tensor(name)
+        except (OSError, SafetensorError) as err:
+            raise RevertError(f"cannot read {name} from {path}: {err}") from None
+
+
+class SpilledOriginals:
+    def __init__(self, folder: str | Path) -> None:
+        self.location = str(Path(folder).resolve())
+
+    def _path(self, name: str) -> Path:
+        return Path(self.location) / (re.sub(r"[^A-Za-z0-9_.\-]", "_", name) + ".safetensors")
+
+    def keep(self, name: str, tensor: torch.Tensor) -> None:
+        Path(self.location).mkdir(parents=True, exist_ok=True)
+        save_file({name: tensor.detach().contiguous().cpu()}, str(self._path(name)))
+
+    def read(self, name: str) -> torch.Tensor:
+        path = self._path(name)
+        if not path.is_file():
+            raise RevertError(f"the original of {name} is gone: {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return handle.get_tensor(name)
+        except (OSError, SafetensorError) as err:
+            raise RevertError(f"cannot read the original of {name} from {path}: {err}") from None
+
+
+def checkpoint_index(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, from the shard index when there is one."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: model_dir / file for name, file in weight_map.items()}
+    found: dict[str, Path] = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            found.update({name: path for name in handle.keys()})
+    return found
+
+
+def originals_for(kind: str, location: str | None) -> Originals | None:
+    """The store a manifest's `originals` entry names."""
+    if kind == "checkpoint" and location:
+        return CheckpointOriginals(location)
+    if kind == "spilled" and location:
+        return SpilledOriginals(location)
+    return None
