@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import shutil
 import sys
@@ -26,7 +27,7 @@ from surgeon.job import apply_checkpoint
 from surgeon.job import Job, load
 from surgeon.language import parse_spec, read_spec_text
 from surgeon.manifest import Manifest, read_manifest
-from surgeon.models import load_model, reload_source, save_base_model
+from surgeon.models import load_model, reload_source, sample_output, save_base_model
 from surgeon.patterns import PatternError, compile_pattern
 from surgeon.planner import Plan, plan
 
@@ -108,10 +109,14 @@ def _plan_json(the_plan: Plan) -> dict[str, Any]:
             "params": r.params,
             "added": {k: list(v) for k, v in r.added.items()},
             "added_count": r.added_count,
+            "bytes_before": r.bytes_before,
+            "bytes_after": r.bytes_after,
         }
         for r in the_plan.rewrites
     ]
     added_bytes = sum(r.added_count * dtype_size(r.target.dtype or "float32") for r in the_plan.rewrites)
+    shrunk = [r for r in the_plan.rewrites if r.bytes_after != r.bytes_before]
+    shrunk_numel = sum(math.prod(r.target.weight_shape or ()) for r in shrunk)
     return {
         "ok": True,
         "rewrites": rewrites,
@@ -121,6 +126,9 @@ def _plan_json(the_plan: Plan) -> dict[str, Any]:
             "base_parameters": the_plan.base_parameters,
             "trainable_share": the_plan.added_parameters / max(1, the_plan.base_parameters),
             "added_bytes": added_bytes,
+            "memory_before": the_plan.base_bytes,
+            "memory_after": the_plan.base_bytes + added_bytes + sum(r.bytes_after - r.bytes_before for r in shrunk),
+            "quantized_bits_per_parameter": 8 * sum(r.bytes_after for r in shrunk) / shrunk_numel if shrunk else None,
         },
     }
 
@@ -151,6 +159,9 @@ def _print_plan(summary: dict[str, Any]) -> None:
         f"of {totals['base_parameters']:,} ({100 * totals['trainable_share']:.4f}%); "
         f"added memory {_human_bytes(totals['added_bytes'])}"
     )
+    if totals["memory_after"] != totals["memory_before"] + totals["added_bytes"]:
+        out.print(f"memory {_human_bytes(totals['memory_before'])} -> {_human_bytes(totals['memory_after'])}; "
+                  f"quantized weights at {totals['quantized_bits_per_parameter']:.3f} bits per parameter")
 
 
 @app.command()
@@ -261,12 +272,27 @@ def merge(
     force: Annotated[bool, typer.Option(help="replace a non-empty --out")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write a plain checkpoint with the deltas folded in, loadable by stock transformers."""
-    manifest = _rerun_and_write(run, out_dir, force, as_json, "merging", Job.merge)
+    """Write a plain checkpoint with the deltas folded in, loadable by stock transformers.
+
+    Quantized layers are written dequantized, in their compute dtype. The max abs difference
+    between the merged and the unmerged forward on a sample input is reported."""
+    report: dict[str, float | None] = {"max_abs_diff": None}
+
+    def merge_and_compare(job: Job) -> nn.Module:
+        before = sample_output(job.model)
+        merged = job.merge()
+        after = sample_output(merged)
+        if before is not None and after is not None:
+            report["max_abs_diff"] = (after - before).abs().max().item()
+        return merged
+
+    manifest = _rerun_and_write(run, out_dir, force, as_json, "merging", merge_and_compare)
     if as_json:
-        print(json.dumps({"ok": True, "out": str(out_dir), "merged": len(manifest.patches)}))
+        print(json.dumps({"ok": True, "out": str(out_dir), "merged": len(manifest.patches)} | report))
         return
-    out.print(f"merged {len(manifest.patches)} patches; wrote {out_dir}")
+    diff = report["max_abs_diff"]
+    compared = f"; merged vs unmerged forward on a sample input: max abs diff {diff:.3g}" if diff is not None else ""
+    out.print(f"merged {len(manifest.patches)} patches{compared}; wrote {out_dir}")
 
 
 @app.command()

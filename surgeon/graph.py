@@ -261,6 +261,9 @@ class ModuleGraph:
     def total_parameters(self) -> int:
         return sum(_numel(p.shape) for p in self.params.values())
 
+    def total_bytes(self) -> int:
+        return sum(_numel(p.shape) * dtype_size(p.dtype) for p in self.params.values())
+
 
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -65,6 +67,27 @@ class Job:
             found.update(patch.trained_base_parameters())
         return found
 
+    def optimizer(self, name: str = "adamw", **options: Any) -> torch.optim.Optimizer:
+        """An optimizer over `trainable_parameters()`. "paged_adamw" is bitsandbytes' paged AdamW
+        (optimizer state in CUDA managed memory, QLoRA's answer to memory spikes) on CUDA when
+        bitsandbytes is installed; elsewhere it falls back to torch.optim.AdamW and says so once."""
+        params = list(self.trainable_parameters().values())
+        if name == "adamw":
+            return torch.optim.AdamW(params, **options)
+        if name != "paged_adamw":
+            raise SurgeonError(f"unknown optimizer '{name}': use 'adamw' or 'paged_adamw'")
+        on_cuda = bool(params) and params[0].device.type == "cuda"
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            bnb = None
+        if on_cuda and bnb is not None:
+            return bnb.optim.PagedAdamW(params, **options)
+        _say_once("paged_adamw", "paged AdamW needs CUDA and bitsandbytes "
+                  f"({'no CUDA parameters' if not on_cuda else 'bitsandbytes is not installed'}); "
+                  "using torch.optim.AdamW")
+        return torch.optim.AdamW(params, **options)
+
     def save(self, run_dir: str | Path) -> Path:
         """Write manifest.json and adapters.safetensors (the added and trained tensors) to run_dir."""
         surgery = self._live()
@@ -105,6 +128,15 @@ class Job:
         model = revert_surgery(self._live())
         self._reverted = True
         return model
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(key: str, message: str) -> None:
+    if key not in _SAID:
+        _SAID.add(key)
+        warnings.warn(message, stacklevel=3)
 
 
 def _spec_of(spec: str | Path | Spec) -> Spec:

@@ -166,3 +166,19 @@ def save_base_model(model: nn.Module, out_dir: Path) -> None:
         model.save_pretrained(out_dir)
     else:
         save_model(model, str(out_dir / "model.safetensors"))
+
+
+@torch.no_grad()
+def sample_output(model: nn.Module, seed: int = 0) -> torch.Tensor | None:
+    """The model's output on a fixed random batch of token ids, or None when it takes no ids."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    if not vocab:
+        return None
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(seed)).to(device)
+    extra = {"decoder_input_ids": ids} if getattr(config, "is_encoder_decoder", False) else {}
+    out = model(input_ids=ids, **extra)
+    found = getattr(out, "logits", None)
+    found = found if found is not None else getattr(out, "last_hidden_state", None)
+    return found.float() if found is not None else None

@@ -64,6 +64,8 @@ class SpilledOriginals:
         return Path(self.location) / (re.sub(r"[^A-Za-z0-9_.\-]", "_", name) + ".safetensors")
 
     def keep(self, name: str, tensor: torch.Tensor) -> None:
+        if self._path(name).is_file():  # re-applying a saved run: its originals are already here
+            return
         Path(self.location).mkdir(parents=True, exist_ok=True)
         save_file({name: tensor.detach().contiguous().cpu()}, str(self._path(name)))
 

@@ -50,6 +50,7 @@ class Plan(BaseModel):
     spec: Spec
     rewrites: tuple[Rewrite, ...]  # in apply order
     base_parameters: int
+    base_bytes: int
 
     @property
     def added_parameters(self) -> int:
@@ -263,4 +264,5 @@ def plan(spec: Spec, graph: ModuleGraph) -> Plan:
     rewrites: list[Rewrite] = []
     for index, statement in enumerate(spec.statements):
         rewrites += planner.statement_rewrites(index, statement)
-    return Plan(spec=spec, rewrites=planner.order(rewrites), base_parameters=graph.total_parameters())
+    return Plan(spec=spec, rewrites=planner.order(rewrites), base_parameters=graph.total_parameters(),
+                base_bytes=graph.total_bytes())

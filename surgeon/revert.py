@@ -50,7 +50,7 @@ def revert_surgery(surgery: Surgery) -> nn.Module:
     Every patch first proves it can be undone (its originals are readable and unchanged), so a
     revert that cannot complete changes nothing."""
     for _, patch in surgery.patches:
-        patch.check_revertible()
+        patch.check_revertible(surgery.manifest.fingerprint)
     rollback(surgery.model, surgery.patches, set(surgery.manifest.trainable_before))
     params = dict(surgery.model.named_parameters())
     with torch.no_grad():

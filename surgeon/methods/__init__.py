@@ -1,3 +1,3 @@
 """One method, one module. Importing this package registers them all with the registry."""
 
-from surgeon.methods import lora  # noqa: F401
+from surgeon.methods import lora, quantize  # noqa: F401

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from surgeon.errors import PlanError
+from surgeon.manifest import TensorRecord
 from surgeon.originals import Originals
 from surgeon.spec import Word
 
@@ -104,7 +105,7 @@ class Patch(ABC):
     def merge(self) -> None:
         raise PlanError(f"{type(self).__name__} cannot be merged into the weights")
 
-    def check_revertible(self) -> None:
+    def check_revertible(self, fingerprint: dict[str, TensorRecord]) -> None:
         """Raise RevertError if revert could not be completed (originals gone or changed).
         Called for every patch before any of them is reverted, so a failure changes nothing."""
 
