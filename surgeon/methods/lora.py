@@ -54,6 +54,7 @@ class _LoraBase(nn.Module):
         self.scale = params.scale
         self.dropout = nn.Dropout(params.dropout) if params.dropout > 0 else nn.Identity()
         self.train(base.training)  # a wrapper made while the model is in eval mode stays in eval mode
+        self.dtype = _dtype_device(base)[0]
 
     def _new(self, *shape: int) -> nn.Parameter:
         dtype, device = _dtype_device(self.base)
@@ -86,13 +87,13 @@ class LoraLinear(_LoraBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        h = self.dropout(x)
+        h = self.dropout(x).to(self.dtype)  # a quantized base computes in its own dtype, and so do we
         if not self.slices:
             # one fused multiply-add instead of a scale and an add (PEFT does two)
-            return torch.add(out, F.linear(F.linear(h, self.lora_A), self.lora_B), alpha=self.scale)
+            return torch.add(out, F.linear(F.linear(h, self.lora_A), self.lora_B).to(out.dtype), alpha=self.scale)
         for name, (start, stop) in self.slices.items():
             a, b = getattr(self, f"lora_A_{name}"), getattr(self, f"lora_B_{name}")
-            out[..., start:stop].add_(F.linear(F.linear(h, a), b), alpha=self.scale)
+            out[..., start:stop].add_(F.linear(F.linear(h, a), b).to(out.dtype), alpha=self.scale)
         return out
 
     def delta_weights(self) -> dict[str, torch.Tensor]:
