@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,3 +118,14 @@ def gpt2() -> nn.Module:
 
 def clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+def assert_same_files(a: Path, b: Path) -> None:
+    """Every tensor in a's safetensors equals b's, bit for bit (compared as raw bytes)."""
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert set(ta) == set(tb)
+    for name in ta:
+        assert ta[name].dtype == tb[name].dtype and ta[name].shape == tb[name].shape, name
+        assert ta[name].contiguous().view(torch.uint8).equal(tb[name].contiguous().view(torch.uint8)), name

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import batch, run
+from conftest import assert_same_files, batch, run
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -36,15 +36,6 @@ def gpt2_dir(tmp_path: Path) -> Path:
     target = tmp_path / "tiny-gpt2"
     shutil.copytree(ROOT / "examples" / "tiny-gpt2", target)
     return target
-
-
-def assert_same_files(a: Path, b: Path) -> None:
-    """Every tensor in a's safetensors equals b's, bit for bit (compared as raw bytes)."""
-    ta, tb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    assert set(ta) == set(tb)
-    for name in ta:
-        assert ta[name].dtype == tb[name].dtype and ta[name].shape == tb[name].shape, name
-        assert ta[name].contiguous().view(torch.uint8).equal(tb[name].contiguous().view(torch.uint8)), name
 
 
 def test_check_prints_plan_and_totals(llama_dir):

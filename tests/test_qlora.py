@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BUILDERS, assert_same_model, batch, clone, run, tiny_gpt2, tiny_llama
+from conftest import BUILDERS, assert_same_files, assert_same_model, batch, clone, run, tiny_gpt2, tiny_llama
 from torch import nn
 from typer.testing import CliRunner
 
@@ -138,8 +138,6 @@ def test_revert_from_a_checkpoint_is_bit_exact(tmp_path):
     assert not (tmp_path / "run" / "originals").exists()  # nothing copied: the checkpoint holds them
     result = runner.invoke(app, ["revert", str(tmp_path / "run"), "--out", str(tmp_path / "restored")])
     assert result.exit_code == 0, result.output
-    from test_cli import assert_same_files
-
     assert_same_files(tmp_path / "restored", tmp_path / "model")
 
 
