@@ -100,8 +100,9 @@ class QuantizedLinear(nn.Module):
         return out.to(x.dtype)
 
     def merged_with(self, deltas: dict[str, torch.Tensor] | None = None) -> nn.Module:
-        """A plain module of the original kind holding the dequantized weight (+ a delta), in the
-        compute dtype: what a merge writes. Deltas come in the original module's layout."""
+        """A plain module of the original kind holding the dequantized weight (+ a delta, added in
+        the compute dtype), stored in the original weight's dtype so the merged model runs and
+        loads in one dtype. Deltas come in the original module's layout."""
         weight = self.dequantized()
         delta = (deltas or {}).get("weight")
         if self.original_kind == "conv1d":
@@ -113,9 +114,9 @@ class QuantizedLinear(nn.Module):
             plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         if delta is not None:
             weight = weight + delta.to(weight.dtype)
-        plain.weight = nn.Parameter(weight, requires_grad=False)
+        plain.weight = nn.Parameter(weight.to(self.original_dtype), requires_grad=False)
         if self.bias is not None:
-            plain.bias = nn.Parameter(self.bias.detach().to(self.compute_dtype), requires_grad=False)
+            plain.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
         return plain.to(self.device).train(self.training)
 
     def extra_repr(self) -> str:
