@@ -48,12 +48,7 @@ class CheckpointOriginals:
         self._file_of(name)  # it is already on disk; only make sure it can be found there
 
     def read(self, name: str) -> torch.Tensor:
-        path = self._file_of(name)
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                return handle.get_tensor(name)
-        except (OSError, SafetensorError) as err:
-            raise RevertError(f"cannot read {name} from {path}: {err}") from None
+        return _read_tensor(self._file_of(name), name)
 
 
 class SpilledOriginals:
@@ -73,11 +68,15 @@ class SpilledOriginals:
         path = self._path(name)
         if not path.is_file():
             raise RevertError(f"the original of {name} is gone: {path} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                return handle.get_tensor(name)
-        except (OSError, SafetensorError) as err:
-            raise RevertError(f"cannot read the original of {name} from {path}: {err}") from None
+        return _read_tensor(path, name)
+
+
+def _read_tensor(path: Path, name: str) -> torch.Tensor:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.get_tensor(name)
+    except (OSError, SafetensorError) as err:
+        raise RevertError(f"cannot read the original of {name} from {path}: {err}") from None
 
 
 def checkpoint_index(model_dir: Path) -> dict[str, Path]:

@@ -558,6 +558,14 @@ def quantize(tensor: torch.Tensor, qtype: str, blocksize: int = 64, double: bool
     return QuantizedTensor(qtype, shape, tensor.dtype, blocksize, codes, qabsmax, True, scale, offset)
 
 
+def _blocks_fp32(flat: torch.Tensor, start: int, stop: int, blocksize: int, device: torch.device) -> torch.Tensor:
+    """flat[start:stop] as (blocks, blocksize) fp32: a view when it is fp32, else a per-thread copy."""
+    src = flat[start:stop]
+    if src.dtype == torch.float32:
+        return src.view(-1, blocksize)
+    return _scratch("x", stop - start, torch.float32, device).copy_(src).view(-1, blocksize)
+
+
 def _block_absmax(xv: torch.Tensor, out: torch.Tensor, tmp: torch.Tensor) -> None:
     """out = max|x| per row of xv (nb, bs), exactly abs().amax(1) (NaN propagates) without a temporary."""
     nan_free = _scratch("nan_free", out.numel(), torch.bool, out.device)
@@ -583,11 +591,7 @@ def _quantize_4bit(flat: torch.Tensor, blocksize: int, qtype: str, codes: torch.
 
     def work(start: int, stop: int) -> None:
         length, nb = stop - start, (stop - start) // blocksize
-        src = flat[start:stop]
-        if src.dtype == torch.float32:
-            xv = src.view(nb, blocksize)
-        else:
-            xv = _scratch("x", length, torch.float32, device).copy_(src).view(nb, blocksize)
+        xv = _blocks_fp32(flat, start, stop, blocksize, device)
         am = absmax[start // blocksize: stop // blocksize]
         tmp = _scratch("tmp", nb, torch.float32, device)
         _block_absmax(xv, am, tmp)
@@ -647,11 +651,7 @@ def _quantize_int8(flat: torch.Tensor, blocksize: int, codes: torch.Tensor, absm
 
     def work(start: int, stop: int) -> None:
         length, nb = stop - start, (stop - start) // blocksize
-        src = flat[start:stop]
-        if src.dtype == torch.float32:
-            xv = src.view(nb, blocksize)
-        else:
-            xv = _scratch("x", length, torch.float32, device).copy_(src).view(nb, blocksize)
+        xv = _blocks_fp32(flat, start, stop, blocksize, device)
         scaled = _scratch("s", length, torch.float32, device).view(nb, blocksize)
         encode(xv, absmax[start // blocksize: stop // blocksize], _scratch("tmp", nb, torch.float32, device),
                signed[start:stop], scaled)
