@@ -214,6 +214,7 @@ def apply_command(
     seed: Annotated[int | None, typer.Option(help="random seed for the added weights")] = None,
     full_fingerprint: Annotated[bool, typer.Option(help="hash every tensor, not only the touched ones")] = False,
     force: Annotated[bool, typer.Option(help="replace a non-empty --out")] = False,
+    device: Annotated[str | None, typer.Option(help="do the work on this device (cuda: quantize there)")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Patch MODEL as SPEC says and write the run: manifest.json + adapters.safetensors."""
@@ -221,7 +222,8 @@ def apply_command(
     parsed = parse_spec(text, source)
     _fresh_out(out_dir, force)
     with _status("loading and patching the model", as_json):
-        job = apply_checkpoint(parsed, model, seed=seed, checkpoint=checkpoint, full_fingerprint=full_fingerprint)
+        job = apply_checkpoint(parsed, model, seed=seed, checkpoint=checkpoint, full_fingerprint=full_fingerprint,
+                               device=device)
     with _staged(out_dir, force) as staging:
         job.save(staging)
     summary = _plan_json(job.plan) | {"run": str(out_dir)}

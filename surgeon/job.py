@@ -20,7 +20,8 @@ from surgeon.language import parse_spec, read_spec_text
 from surgeon.manifest import (ADAPTER_FILE, ORIGINALS_DIR, TRAINED_BASE_PREFIX, Manifest, OriginalsRef,
                               SourceRef, read_manifest, sha256_file)
 from surgeon.methods.base import ApplyContext
-from surgeon.models import checkpoint_matches, load_model, load_model_skeleton, stream_checkpoint
+from surgeon.models import (checkpoint_matches, load_model, load_model_skeleton, resolve_device,
+                            stream_checkpoint)
 from surgeon.originals import CheckpointOriginals, Originals, SpilledOriginals, originals_for
 from surgeon.planner import Plan, method_of, plan
 from surgeon.revert import check_tensors, revert_surgery
@@ -178,14 +179,20 @@ def apply(spec: str | Path | Spec, model: nn.Module, *, seed: int | None = None,
 
 
 def apply_checkpoint(spec: str | Path | Spec, model_ref: str, *, seed: int | None = None,
-                     checkpoint: str | None = None, full_fingerprint: bool = False) -> Job:
+                     checkpoint: str | None = None, full_fingerprint: bool = False,
+                     device: str | torch.device | None = None) -> Job:
     """Load MODEL and apply `spec`, streaming the checkpoint tensor by tensor when the spec
-    quantizes, so the full-precision model is never in memory at once."""
+    quantizes, so the full-precision model is never in memory at once. With `device` ("cuda"),
+    each tensor moves there as it is read and is quantized there: the device never holds the
+    full-precision model either."""
+    device = resolve_device(device)
     skeleton, source = load_model(model_ref, checkpoint=checkpoint, meta=True)
     the_plan = plan(_spec_of(spec), build_module_graph(skeleton))
     streaming = any(method_of(r).streams for r in the_plan.rewrites)
     if source.kind != "hf" or not streaming or not checkpoint_matches(Path(model_ref), skeleton):
         model, source = load_model(model_ref, checkpoint=checkpoint)
+        if device is not None:
+            model.to(device)
         return apply(the_plan.spec, model, seed=seed, source=source, full_fingerprint=full_fingerprint)
     del skeleton
     if seed is not None:
@@ -194,7 +201,7 @@ def apply_checkpoint(spec: str | Path | Spec, model_ref: str, *, seed: int | Non
     originals, ref = _originals_for(source, None)
     surgery = apply_plan(the_plan, model, source=source, ctx=ApplyContext(originals=originals),
                          full_fingerprint=full_fingerprint, stream=stream_checkpoint(Path(model_ref)),
-                         originals_ref=ref)
+                         originals_ref=ref, device=device)
     return Job(surgery)
 
 

@@ -103,6 +103,23 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
+def resolve_device(name: str | torch.device | None) -> torch.device | None:
+    """A device the model can go to, or ModelLoadError saying why not."""
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ModelLoadError(f"unknown device '{name}': {err}") from None
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if device.type not in ("cpu", "meta") and (available is None or not available()):
+        raise ModelLoadError(f"device '{name}' is not available on this machine; leave --device out or use cpu")
+    if device.type == "meta":
+        raise ModelLoadError("device 'meta' holds no weights; 'surgeon check' plans without loading them")
+    return device
+
+
 def load_model_skeleton(model_dir: Path) -> nn.Module:
     """A Hugging Face model with meta parameters and real buffers, in eval mode, for streaming."""
     from transformers import AutoConfig

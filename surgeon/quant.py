@@ -82,6 +82,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from surgeon.quant_cuda import dequantize_4bit_fused
+
 QTYPES = ("nf4", "fp4", "int8")
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -218,7 +220,7 @@ def _build_4bit(qtype: str) -> dict[str, torch.Tensor]:
     remap = None
     if qtype != "nf4":
         remap = ((order[byte >> 4] << 4) | order[byte & 15]).to(torch.uint8)
-    return {"code": code, "order": order, "bounds": bounds, "quant_pos": quant_pos,
+    return {"code": code, "code_kernel": signed_zero, "order": order, "bounds": bounds, "quant_pos": quant_pos,
             "quant_threshold": quant_threshold, "dequant": dequant,
             "dequant_kernel": dequant_kernel, "remap": remap}
 
@@ -710,6 +712,8 @@ def _dequantize_4bit(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int, 
     half = blocksize // 2  # bytes per block
     chunk = max(_DEQUANT_CHUNK // half, 1) * half if device.type == "cpu" else max(full // 2, half)
     direct = out.dtype == torch.float32
+    fused = device.type == "cuda" and full > 0 and dequantize_4bit_fused(
+        codes, absmax.contiguous(), tables["code_kernel" if kernel else "code"], blocksize, full // 2, out)
 
     def work(start: int, stop: int) -> None:  # in bytes
         nbytes, nb = stop - start, (stop - start) // half
@@ -725,7 +729,8 @@ def _dequantize_4bit(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int, 
             values.mul_(scale)
             target.copy_(values)
 
-    _run_chunks(work, full // 2, chunk, device)
+    if not fused:
+        _run_chunks(work, full // 2, chunk, device)
     if full < n:
         rest = codes[full // 2:].to(torch.int64)
         values = pair_table.index_select(0, rest).view(torch.float32)[: n - full]

@@ -84,10 +84,12 @@ def rollback(model: nn.Module, patches: list[tuple[Rewrite, Patch]], trainable_b
 
 
 def _load_streaming(model: nn.Module, stream: Iterable[tuple[str, torch.Tensor]], hashed: set[str] | None,
-                    on_module_loaded: Callable[[str], None]) -> dict[str, TensorRecord]:
+                    on_module_loaded: Callable[[str], None],
+                    device: str | torch.device | None = None) -> dict[str, TensorRecord]:
     """Fill a model whose parameters are on the meta device from (name, tensor) pairs, one at a time,
-    hashing each as it is read and calling `on_module_loaded(path)` once a module has all its
-    parameters, so a streaming rewrite (quantization) can replace them before the next one arrives."""
+    hashing each as it is read (on the CPU) and moving it to `device`, and calling
+    `on_module_loaded(path)` once a module has all its parameters, so a streaming rewrite
+    (quantization) can replace them before the next one arrives."""
     state = model.state_dict(keep_vars=True)
     pending: dict[str, set[str]] = {}
     for path, module in model.named_modules():
@@ -105,6 +107,8 @@ def _load_streaming(model: nn.Module, stream: Iterable[tuple[str, torch.Tensor]]
             raise ModelLoadError(f"the checkpoint's {name} is {tuple(tensor.shape)}, the model expects "
                                  f"{tuple(current.shape)}")
         prints[name] = tensor_record(tensor, hashed is None or name in hashed)
+        if device is not None:
+            tensor = tensor.to(device)
         if local in module._parameters:
             torch.utils.swap_tensors(current, nn.Parameter(tensor, requires_grad=current.requires_grad))
             pending.get(path, set()).discard(local)
@@ -118,17 +122,19 @@ def _load_streaming(model: nn.Module, stream: Iterable[tuple[str, torch.Tensor]]
         raise ModelLoadError(f"the checkpoint does not hold {', '.join(still_meta[:3])}")
     for name, tensor in model.state_dict(keep_vars=True).items():  # tied aliases, buffers made at init
         prints.setdefault(name, tensor_record(tensor, hashed is None or name in hashed))
+    if device is not None:
+        model.to(device)  # the buffers made at init (rotary frequencies, position ids)
     return {name: prints[name] for name in state}
 
 
 def apply_plan(plan: Plan, model: nn.Module, *, source: SourceRef, ctx: ApplyContext | None = None,
                full_fingerprint: bool = False, stream: Iterable[tuple[str, torch.Tensor]] | None = None,
-               originals_ref: OriginalsRef | None = None) -> Surgery:
+               originals_ref: OriginalsRef | None = None, device: str | torch.device | None = None) -> Surgery:
     """Stage entry: patch `model` in place following `plan`, or leave it exactly as it was.
 
     With `stream`, the model's parameters are on the meta device and arrive as (name, tensor)
-    pairs; rewrites of streaming methods are applied as soon as their module is loaded, so peak
-    memory stays near the patched model's size."""
+    pairs, each moved to `device` when one is given; rewrites of streaming methods are applied as
+    soon as their module is loaded, so peak memory stays near the patched model's size."""
     ctx = ctx or ApplyContext()
     touched = touched_tensor_names(model, plan)
     hashed = None if full_fingerprint else touched
@@ -156,7 +162,7 @@ def apply_plan(plan: Plan, model: nn.Module, *, source: SourceRef, ctx: ApplyCon
         if stream is None:
             prints = fingerprint(model, hashed)
         else:
-            prints = _load_streaming(model, stream, hashed, on_module_loaded)
+            prints = _load_streaming(model, stream, hashed, on_module_loaded, device)
         for index in range(len(plan.rewrites)):
             if index not in done:
                 apply_one(index)

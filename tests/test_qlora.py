@@ -301,3 +301,26 @@ def test_paged_optimizer_falls_back_on_cpu_and_says_so_once(monkeypatch):
         warnings.simplefilter("error")
         second = job.optimizer("paged_adamw", lr=1e-3)
     assert type(first) is torch.optim.AdamW and type(second) is torch.optim.AdamW
+
+
+def test_streaming_onto_a_named_device_equals_streaming_plainly(tmp_path):
+    _make_sharded_checkpoint(tmp_path / "model", hidden=128, layers=2)
+    plain = surgeon.apply_checkpoint(QLORA, str(tmp_path / "model"), seed=0)
+    on_cpu = surgeon.apply_checkpoint(QLORA, str(tmp_path / "model"), seed=0, device="cpu")
+    ids = batch()
+    assert torch.equal(run(plain.model, ids), run(on_cpu.model, ids))
+    assert plain.manifest.fingerprint == on_cpu.manifest.fingerprint
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_apply_on_a_device_this_machine_lacks_is_a_clear_error(tmp_path):
+    spec = tmp_path / "qlora.peft"
+    spec.write_text(QLORA)
+    for device, message in (("cuda", "device 'cuda' is not available on this machine"),
+                            ("gpu7", "unknown device 'gpu7'")):
+        result = runner.invoke(app, ["apply", str(spec), str(ROOT / "examples" / "tiny-llama"),
+                                     "--out", str(tmp_path / "run"), "--device", device])
+        assert result.exit_code == 2, result.output
+        assert message in result.output
+        assert "Traceback" not in result.output
+        assert not (tmp_path / "run").exists()
