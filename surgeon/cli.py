@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.tree import Tree
 from torch import nn
 
+from surgeon.bnb_format import check_bnb_4bit, save_bnb_4bit
 from surgeon.errors import SurgeonError
 from surgeon.graph import ModuleGraph, build_module_graph, dtype_size
 from surgeon.job import apply_checkpoint
@@ -253,7 +254,8 @@ def revert(
 
 
 def _rerun_and_write(run: Path, out_dir: Path, force: bool, as_json: bool, doing: str,
-                     finish: Callable[[Job], nn.Module]) -> Manifest:
+                     finish: Callable[[Job], nn.Module],
+                     write: Callable[[nn.Module, Path], None] = save_base_model) -> Manifest:
     """Read the run's source model again, re-apply the run, `finish` it, write the result to out_dir."""
     manifest = read_manifest(run)
     _fresh_out(out_dir, force)
@@ -262,7 +264,7 @@ def _rerun_and_write(run: Path, out_dir: Path, force: bool, as_json: bool, doing
     with _status(doing, as_json):
         result = finish(load(run, model))
     with _staged(out_dir, force) as staging:
-        save_base_model(result, staging)
+        write(result, staging)
     return manifest
 
 
@@ -271,30 +273,38 @@ def _rerun_and_write(run: Path, out_dir: Path, force: bool, as_json: bool, doing
 def merge(
     run: Annotated[Path, typer.Argument(help="a run directory")],
     out_dir: Annotated[Path, typer.Option("--out", help="directory for the merged checkpoint")],
+    requantize: Annotated[bool, typer.Option(help="quantize the merged layers again and write bitsandbytes' "
+                                                  "4-bit format (transformers loads it with bitsandbytes)")] = False,
     force: Annotated[bool, typer.Option(help="replace a non-empty --out")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Write a plain checkpoint with the deltas folded in, loadable by stock transformers.
 
-    Quantized layers are written dequantized, in their compute dtype. The max abs difference
+    Quantized layers are written dequantized, in the original weights' dtype, unless --requantize
+    quantizes them again (same type, block size, double quantization). The max abs difference
     between the merged and the unmerged forward on a sample input is reported."""
     report: dict[str, float | None] = {"max_abs_diff": None}
 
     def merge_and_compare(job: Job) -> nn.Module:
+        if requantize:
+            check_bnb_4bit(job.model)  # before any work: int8, mixed types, nothing quantized
         before = sample_output(job.model)
-        merged = job.merge()
+        merged = job.merge(requantize=requantize)
         after = sample_output(merged)
         if before is not None and after is not None:
             report["max_abs_diff"] = (after - before).abs().max().item()
         return merged
 
-    manifest = _rerun_and_write(run, out_dir, force, as_json, "merging", merge_and_compare)
+    write = save_bnb_4bit if requantize else save_base_model
+    manifest = _rerun_and_write(run, out_dir, force, as_json, "merging", merge_and_compare, write)
     if as_json:
-        print(json.dumps({"ok": True, "out": str(out_dir), "merged": len(manifest.patches)} | report))
+        print(json.dumps({"ok": True, "out": str(out_dir), "merged": len(manifest.patches),
+                          "requantized": requantize} | report))
         return
     diff = report["max_abs_diff"]
     compared = f"; merged vs unmerged forward on a sample input: max abs diff {diff:.3g}" if diff is not None else ""
-    out.print(f"merged {len(manifest.patches)} patches{compared}; wrote {out_dir}")
+    again = " (requantized, bitsandbytes 4-bit format)" if requantize else ""
+    out.print(f"merged {len(manifest.patches)} patches{again}{compared}; wrote {out_dir}")
 
 
 @app.command()

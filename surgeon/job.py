@@ -112,14 +112,18 @@ class Job:
         surgery.manifest = written.model_copy(update={"originals": spilled})
         return run_dir
 
-    def merge(self) -> nn.Module:
-        """Fold every delta into the base weights; the model becomes plain. Revert stays exact."""
+    def merge(self, requantize: bool = False) -> nn.Module:
+        """Fold every delta into the base weights; the model becomes plain (with `requantize`,
+        quantized layers are quantized again, the delta included). Revert stays exact."""
         surgery = self._live()
         stuck = [r.target.path for r, p in surgery.patches if not p.mergeable]
         if stuck:
             raise PlanError(f"cannot merge: {', '.join(stuck[:3])} use methods that are not mergeable")
         for _, patch in surgery.patches:
             patch.merge()
+        if requantize:
+            for _, patch in surgery.patches:
+                patch.requantize()
         merged = [record.model_copy(update={"merged": True}) for record in self.manifest.patches]
         surgery.manifest = self.manifest.model_copy(update={"patches": merged})
         return self.model

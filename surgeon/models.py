@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
 from surgeon.errors import ModelLoadError
@@ -176,11 +176,13 @@ def reload_source(source: SourceRef) -> nn.Module:
     return load_model(source.location, checkpoint=source.checkpoint)[0]
 
 
-def save_base_model(model: nn.Module, out_dir: Path) -> None:
+def save_base_model(model: nn.Module, out_dir: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write the model as a Hugging Face directory (or plain model.safetensors for other models)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "save_pretrained"):
-        model.save_pretrained(out_dir)
+        model.save_pretrained(out_dir, state_dict=state_dict)
+    elif state_dict is not None:
+        save_file(state_dict, str(out_dir / "model.safetensors"))
     else:
         save_model(model, str(out_dir / "model.safetensors"))
 

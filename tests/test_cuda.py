@@ -198,3 +198,29 @@ def test_merge_on_cuda_matches_the_unmerged_forward(tmp_path):
     unmerged = cuda_run(job.model, ids)
     job.merge()
     assert (cuda_run(job.model, ids) - unmerged).abs().max() <= 1e-4
+
+
+def test_requantized_merge_on_cuda_loads_in_transformers_with_bitsandbytes(tmp_path):
+    functional = bnb_cuda()
+    import transformers
+
+    from surgeon.bnb_format import save_bnb_4bit
+
+    shutil.copytree(ROOT / "examples" / "tiny-llama", tmp_path / "model")
+    job = surgeon.apply_checkpoint(QLORA, str(tmp_path / "model"), seed=0, device="cuda")
+    with torch.no_grad():
+        for p in job.trainable_parameters().values():
+            p.normal_(0, 0.1)
+    ids = batch()
+    unmerged = cuda_run(job.model, ids)
+    job.merge(requantize=True)
+    save_bnb_4bit(job.model, tmp_path / "4bit")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "4bit", device_map="cuda")
+    for path, layer in linear_layers(loaded).items():
+        assert type(layer).__name__ == "Linear4bit", path
+        ours = job.model.get_submodule(path).dequantized()
+        theirs = functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(ours.dtype)
+        assert (ours - theirs).abs().max() <= 1e-2, path  # bf16 compute: one rounding apart at most
+    assert (cuda_run(loaded, ids) - unmerged).abs().max() < 0.5
+    job.revert()
+    assert all(t.is_cuda for t in job.model.state_dict().values())

@@ -324,3 +324,92 @@ def test_apply_on_a_device_this_machine_lacks_is_a_clear_error(tmp_path):
         assert message in result.output
         assert "Traceback" not in result.output
         assert not (tmp_path / "run").exists()
+
+
+def _qlora_run(tmp_path: Path, example: str, spec: str) -> Path:
+    """A saved run on a copy of a bundled example, with non-zero LoRA weights."""
+    from surgeon.models import load_model
+
+    shutil.copytree(ROOT / "examples" / example, tmp_path / "model")
+    model, source = load_model(str(tmp_path / "model"))
+    job = surgeon.apply(spec, model, seed=0, source=source)
+    with torch.no_grad():
+        for p in job.trainable_parameters().values():
+            p.normal_(0, 0.1)
+    job.save(tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("example", ["tiny-llama", "tiny-gpt2"])
+def test_merge_requantize_writes_what_bitsandbytes_writes_and_transformers_loads(tmp_path, example):
+    """The merged weights, quantized by bitsandbytes itself, are the codes in the written file, and
+    transformers loads that file into bitsandbytes' Linear4bit layers that dequantize to our weights."""
+    bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is a test dependency")
+    import transformers
+    from safetensors.torch import load_file
+
+    run_dir = _qlora_run(tmp_path, example, QLORA.replace("double", "double compute=fp32"))
+    plain = runner.invoke(app, ["merge", str(run_dir), "--out", str(tmp_path / "plain")])
+    assert plain.exit_code == 0, plain.output
+    result = runner.invoke(app, ["merge", str(run_dir), "--out", str(tmp_path / "4bit"), "--requantize", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["requantized"] and 1e-4 < report["max_abs_diff"] < 0.5  # now NF4 error, not merge error
+
+    written = load_file(str(tmp_path / "4bit" / "model.safetensors"))
+    merged, original = load_file(str(tmp_path / "plain" / "model.safetensors")), \
+        load_file(str(tmp_path / "model" / "model.safetensors"))
+    stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    patches = json.loads((run_dir / "manifest.json").read_text())["patches"]
+    with_delta = {p["target"] for p in patches if p["method"] == "inject lora"}
+    assert with_delta
+    expected = {}  # bitsandbytes' own quantization of what each layer should hold
+    for path, layer in linear_layers(stock).items():
+        # a layer LoRA merged into holds base + delta; the others keep their first quantization
+        weight = (merged if path in with_delta else original)[f"{path}.weight"]
+        weight = weight.T.contiguous() if type(layer).__name__ == "Conv1D" else weight
+        expected[path] = bnb_functional.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+        packed, state = expected[path]
+        assert torch.equal(written[f"{path}.weight"].view(-1), packed.view(-1)), path
+        assert torch.equal(written[f"{path}.weight.absmax"], state.absmax), path
+        assert torch.equal(written[f"{path}.weight.nested_absmax"], state.state2.absmax), path
+
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "4bit", device_map="cpu")
+    assert set(linear_layers(loaded)) == set(expected)
+    for path, layer in linear_layers(loaded).items():
+        assert type(layer).__name__ == "Linear4bit", path
+        ours = bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        assert torch.equal(ours, bnb_functional.dequantize_4bit(*expected[path])), path
+    ids = batch()
+    # bitsandbytes' CPU matmul rounds (about 1e-2 here); the weights themselves are equal above
+    assert (run(loaded, ids) - run(stock, ids)).abs().max() < 0.5
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("quantize base int8\ninject lora r=2 into *.attn.q", "bitsandbytes' 4-bit format, which has no int8"),
+    ("quantize *.attn.* nf4\nquantize *.mlp.<up,down,gate> fp4\ninject lora r=2 into *.attn.q", "2 combinations"),
+    ("inject lora r=2 into *.attn.q", "the run quantizes nothing"),
+])
+def test_merge_requantize_refuses_what_bitsandbytes_cannot_hold(tmp_path, spec, message):
+    run_dir = _qlora_run(tmp_path, "tiny-llama", spec)
+    result = runner.invoke(app, ["merge", str(run_dir), "--out", str(tmp_path / "out"), "--requantize"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_requantized_merge_keeps_the_model_4bit_and_reverts_bit_exact():
+    model = tiny_gpt2()
+    original = clone(model)
+    job = surgeon.apply(QLORA, model, seed=0)
+    with torch.no_grad():
+        for p in job.trainable_parameters().values():
+            p.normal_(0, 0.1)
+    codes_before = model.transformer.h[0].mlp.c_fc.codes.clone()  # no LoRA there
+    job.merge(requantize=True)
+    quantized = {n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert quantized == set(linear_layers(original))
+    assert torch.equal(model.transformer.h[0].mlp.c_fc.codes, codes_before)
+    assert torch.isfinite(run(model, batch())).all()
+    job.revert()
+    assert_same_model(model, original)

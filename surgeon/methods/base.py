@@ -105,6 +105,10 @@ class Patch(ABC):
     def merge(self) -> None:
         raise PlanError(f"{type(self).__name__} cannot be merged into the weights")
 
+    def requantize(self) -> None:
+        """After every patch has merged: store the merged weights in this patch's lossy format
+        again (quantizing methods; the others have nothing to do)."""
+
     def check_revertible(self, fingerprint: dict[str, TensorRecord]) -> None:
         """Raise RevertError if revert could not be completed (originals gone or changed).
         Called for every patch before any of them is reverted, so a failure changes nothing."""

@@ -163,6 +163,19 @@ class QuantizePatch(Patch):
             self.merged_into = self.layer.merged_with()
             setattr(self.parent, self.attr, self.merged_into)
 
+    def requantize(self) -> None:
+        """Quantize the merged weights (base + deltas) again, with this layer's type, block size,
+        double quantization and compute dtype."""
+        merged = getattr(self.parent, self.attr)
+        if merged is self.merged_into:  # no delta reached this layer: its codes stand as they were
+            setattr(self.parent, self.attr, self.layer)
+            return
+        weight = merged.weight.detach()
+        as_linear = weight.T if self.layer.original_kind == "conv1d" else weight
+        qt = quantize(as_linear.contiguous(), self.layer.qtype, blocksize=self.layer.blocksize, double=self.layer.double)
+        requantized = QuantizedLinear(qt, merged.bias, self.layer.compute_dtype, self.layer.original_kind)
+        setattr(self.parent, self.attr, requantized.train(merged.training))
+
 
 def quantized_bytes(numel: int, params: QuantizeParams) -> int:
     """Bytes stored for a quantized tensor (codes, scales, double-quant state), from sizes alone."""
