@@ -443,7 +443,8 @@ class QuantizedTensor:
         n = self.numel
         if n == 0:
             return out
-        absmax = self.block_absmax()
+        with _single_threaded(self.device):  # a small job: waking an idle OpenMP team costs more
+            absmax = self.block_absmax()
         flat = out.view(-1)
         if self.qtype == "int8":
             _dequantize_int8(self.codes, absmax, self.blocksize, n, flat)

@@ -413,3 +413,25 @@ def test_requantized_merge_keeps_the_model_4bit_and_reverts_bit_exact():
     assert torch.isfinite(run(model, batch())).all()
     job.revert()
     assert_same_model(model, original)
+
+
+def test_quantized_layers_of_one_shape_chain_forward_and_backward_like_their_dequantized_weights():
+    """Two layers of one shape share the dequantize buffer: both directions must still see their own weight."""
+    bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is a test dependency")
+    from surgeon.quant import quantize
+
+    torch.manual_seed(0)
+    weights = [torch.randn(256, 256) * 0.05 for _ in range(2)]
+    layers = [QuantizedLinear(quantize(w, "nf4", double=True), None, torch.float32, "linear") for w in weights]
+    reference = []
+    for w in weights:
+        packed, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        reference.append(bnb_functional.dequantize_4bit(packed, state))
+    x = torch.randn(3, 256, requires_grad=True)
+    out = layers[1](torch.tanh(layers[0](x)))
+    (out ** 2).sum().backward()
+    ours_grad, x.grad = x.grad, None
+    expected = torch.tanh(x @ reference[0].T) @ reference[1].T
+    (expected ** 2).sum().backward()
+    assert (out - expected).abs().max() <= 1e-5
+    assert (ours_grad - x.grad).abs().max() <= 1e-5

@@ -14,6 +14,7 @@ revert reads it back, checks its sha256 and puts it into the very same Parameter
 from __future__ import annotations
 
 import math
+import threading
 from typing import Literal
 
 import torch
@@ -47,17 +48,43 @@ class QuantizeParams(MethodParams):
         return value
 
 
+class _ScratchWeights(threading.local):
+    """One dequantize buffer per (shape, dtype) and thread, reused by every quantized layer.
+
+    On the CPU a fresh buffer of tens of MB comes from a fresh mmap each time, and faulting its
+    pages in costs more than the dequantize itself; the matmul never keeps the weight, so the next
+    layer of the same shape can write over it. (CUDA's caching allocator already reuses memory.)"""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = {}
+
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        buffer = self.buffers.get((shape, dtype))
+        if buffer is None:
+            buffer = self.buffers[(shape, dtype)] = torch.empty(shape, dtype=dtype)
+        return buffer
+
+
+_SCRATCH = _ScratchWeights()
+
+
+def _matmul_weight(layer: QuantizedLinear) -> torch.Tensor:
+    if layer.device.type != "cpu":
+        return layer.dequantized()
+    return layer.quantized().dequantize(layer.compute_dtype, out=_SCRATCH.get(tuple(layer.shape), layer.compute_dtype))
+
+
 class _DequantizedMatmul(torch.autograd.Function):
     """x @ W^T with W dequantized in forward and again in backward, never stored for backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:  # type: ignore[override]
         ctx.layer = layer
-        return F.linear(x, layer.dequantized())
+        return F.linear(x, _matmul_weight(layer))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        return grad @ ctx.layer.dequantized(), None
+        return grad @ _matmul_weight(ctx.layer), None
 
 
 class QuantizedLinear(nn.Module):
