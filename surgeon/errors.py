@@ -81,3 +81,7 @@ def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str | None:
     if not close:
         return None
     return "did you mean " + " or ".join(f"'{c}'" for c in close) + "?"
+
+
+class ExportError(SurgeonError):
+    """A run cannot be written in (or read from) another tool's format, and why."""

@@ -68,6 +68,20 @@ class Job:
             found.update(patch.trained_base_parameters())
         return found
 
+    def step(self, global_step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Call after each `optimizer.step()`: methods that change during training act here
+        (AdaLoRA allocates its rank budget, ReLoRA merges and restarts). A no-op for the others."""
+        for _, patch in self._live().patches:
+            patch.step(global_step, optimizer)
+
+    def regularization(self) -> torch.Tensor:
+        """The methods' loss terms, summed (AdaLoRA's orthogonality); add it to the loss. Zero
+        when no method has one."""
+        terms = [t for _, patch in self._live().patches if (t := patch.regularization()) is not None]
+        if not terms:
+            return torch.zeros(())
+        return torch.stack([t.to(terms[0].dtype).to(terms[0].device) for t in terms]).sum()
+
     def optimizer(self, name: str = "adamw", **options: Any) -> torch.optim.Optimizer:
         """An optimizer over `trainable_parameters()`. "paged_adamw" is bitsandbytes' paged AdamW
         (optimizer state in CUDA managed memory, QLoRA's answer to memory spikes) on CUDA when

@@ -27,7 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from surgeon.errors import PlanError
+from surgeon.errors import ExportError, PlanError
 from surgeon.manifest import TensorRecord
 from surgeon.originals import Originals
 from surgeon.spec import Word
@@ -109,6 +109,14 @@ class Patch(ABC):
         """After every patch has merged: store the merged weights in this patch's lossy format
         again (quantizing methods; the others have nothing to do)."""
 
+    def step(self, global_step: int, optimizer: torch.optim.Optimizer | None) -> None:
+        """Called by `job.step(global_step, optimizer)` after each optimizer step, for methods whose
+        structure changes during training (AdaLoRA's rank budget, ReLoRA's restarts)."""
+
+    def regularization(self) -> torch.Tensor | None:
+        """A term this patch adds to the loss (AdaLoRA's orthogonality); `job.regularization()` sums them."""
+        return None
+
     def check_revertible(self, fingerprint: dict[str, TensorRecord]) -> None:
         """Raise RevertError if revert could not be completed (originals gone or changed).
         Called for every patch before any of them is reverted, so a failure changes nothing."""
@@ -125,6 +133,9 @@ class Method(ABC):
     mergeable: ClassVar[bool] = False
     streams: ClassVar[bool] = False  # may be applied tensor by tensor while a checkpoint loads
     summary: ClassVar[str] = ""
+    # PEFT interchange (surgeon/peft_format.py): PEFT's `peft_type` for this method, None when PEFT
+    # has no equivalent; the hooks below translate parameters and tensors both ways.
+    peft_type: ClassVar[str | None] = None
 
     @classmethod
     def read_words(cls, words: tuple[Word, ...]) -> WordArgs:
@@ -157,6 +168,33 @@ class Method(ABC):
     def apply(cls, model: nn.Module, target: Target, params: MethodParams, ctx: ApplyContext) -> Patch:
         """Patch the module at target.path of `model` and return the patch. `ctx.init` False: the
         caller will load the added weights, so skip random initialisation."""
+
+
+    @classmethod
+    def peft_config(cls, params: MethodParams) -> dict[str, Any]:
+        """adapter_config.json entries for one statement's parameters (peft_type and
+        target_modules are filled in by the exporter). Raise ExportError for what PEFT cannot say."""
+        raise ExportError(f"{cls.verb} {cls.name} has no PEFT equivalent")
+
+    @classmethod
+    def to_peft_tensors(cls, target: Target, params: MethodParams,
+                        tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This patch's added tensors (local names, as `added_shapes` names them) under PEFT's
+        names relative to the target module (`lora_A.weight`), in PEFT's layout. Raise ExportError
+        for a target PEFT cannot hold (a slice of a fused projection)."""
+        raise ExportError(f"{cls.verb} {cls.name} has no PEFT equivalent")
+
+    @classmethod
+    def from_peft_tensors(cls, target: Target, params: MethodParams,
+                          tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inverse of `to_peft_tensors`."""
+        raise ExportError(f"{cls.verb} {cls.name} has no PEFT equivalent")
+
+    @classmethod
+    def statement_from_peft(cls, config: dict[str, Any], targets: list[str]) -> str:
+        """The spec statement that says what a PEFT adapter_config.json says, for the module
+        names in `targets` (their full paths). Raise ExportError for options surgeon lacks."""
+        raise ExportError(f"{cls.verb} {cls.name} has no PEFT equivalent")
 
 
 def locate(model: nn.Module, path: str) -> tuple[nn.Module, str, nn.Module]:
