@@ -148,12 +148,17 @@ class _Planner:
         clauses += [Clause(preposition="except", pattern=text, location=statement.location) for text in args.excepts]
         clauses += list(statement.clauses)
         chosen: dict[str, set[str | None]] = {}
+        lenient = args.lenient
+        if not any(c.preposition != "except" for c in clauses) and method.default_target:
+            # `train bias` alone: every module the method accepts
+            clauses.insert(0, Clause(preposition="into", pattern=method.default_target, location=statement.location))
+            lenient = True
         if not any(c.preposition != "except" for c in clauses) and method.prepositions:
             first = sorted(method.prepositions)[0]
             raise self.error(f"{method.name} needs a target: '{first} PATTERN'", statement.location)
         for clause in clauses:
             found = self.match(clause)
-            if args.lenient and clause.preposition != "except":
+            if lenient and clause.preposition != "except":
                 found = {p: s for p, s in found.items() if self.graph.modules[p].kind in method.kinds}
             if not found and (clause.preposition == "except" and clause not in statement.clauses):
                 continue  # an exclusion the method added itself may find nothing to exclude

@@ -133,6 +133,9 @@ class Method(ABC):
     mergeable: ClassVar[bool] = False
     streams: ClassVar[bool] = False  # may be applied tensor by tensor while a checkpoint loads
     summary: ClassVar[str] = ""
+    # the pattern a statement without a target clause means (`train bias` = "**": every module the
+    # method accepts); None: a target is required
+    default_target: ClassVar[str | None] = None
     # PEFT interchange (surgeon/peft_format.py): PEFT's `peft_type` for this method, None when PEFT
     # has no equivalent; the hooks below translate parameters and tensors both ways.
     peft_type: ClassVar[str | None] = None
