@@ -25,7 +25,7 @@ from surgeon.bnb_format import check_bnb_4bit, save_bnb_4bit
 from surgeon.errors import SurgeonError
 from surgeon.graph import ModuleGraph, build_module_graph, dtype_size
 from surgeon.job import apply_checkpoint
-from surgeon.job import Job, load
+from surgeon.job import Job, import_peft, load
 from surgeon.language import parse_spec, read_spec_text
 from surgeon.manifest import Manifest, read_manifest
 from surgeon.models import load_model, reload_source, sample_output, save_base_model
@@ -305,6 +305,63 @@ def merge(
     compared = f"; merged vs unmerged forward on a sample input: max abs diff {diff:.3g}" if diff is not None else ""
     again = " (requantized, bitsandbytes 4-bit format)" if requantize else ""
     out.print(f"merged {len(manifest.patches)} patches{again}{compared}; wrote {out_dir}")
+
+
+@app.command()
+@user_errors
+def export(
+    run: Annotated[Path, typer.Argument(help="a run directory")],
+    out_dir: Annotated[Path, typer.Option("--out", help="directory for the exported adapter")],
+    format: Annotated[str, typer.Option("--format", help="the target format: peft")] = "peft",
+    force: Annotated[bool, typer.Option(help="replace a non-empty --out")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the run as a Hugging Face PEFT adapter (adapter_config.json + adapter_model.safetensors)
+    that peft.PeftModel.from_pretrained(base_model, OUT) loads, with the same outputs.
+
+    Quantize statements are left out (load the base quantized with bitsandbytes to match); a
+    feature PEFT cannot hold (LoRA on only the q and v slices of GPT-2's fused c_attn) is refused
+    with the reason."""
+    if format != "peft":
+        raise SurgeonError(f"unknown format '{format}': the only export format is 'peft'")
+    manifest = read_manifest(run)
+    _fresh_out(out_dir, force)
+    with _status("reading the source model", as_json):
+        model = reload_source(manifest.source)
+    with _status("exporting", as_json):
+        job = load(run, model)
+        with _staged(out_dir, force) as staging:
+            job.save(staging, format="peft")
+            config = json.loads((staging / "adapter_config.json").read_text())
+    if as_json:
+        print(json.dumps({"ok": True, "out": str(out_dir), "peft_type": config["peft_type"],
+                          "target_modules": len(config["target_modules"])}))
+        return
+    out.print(f"wrote a PEFT {config['peft_type']} adapter for {len(config['target_modules'])} modules to {out_dir}")
+
+
+@app.command("import")
+@user_errors
+def import_command(
+    peft_dir: Annotated[Path, typer.Argument(help="a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")],
+    model: Annotated[str, typer.Option("--model", help="the base model: HF directory or package.module:factory")],
+    out_dir: Annotated[Path, typer.Option("--out", help="run directory to write")],
+    checkpoint: CheckpointOpt = None,
+    force: Annotated[bool, typer.Option(help="replace a non-empty --out")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Turn a PEFT adapter into a surgeon run: a .peft spec that says the same thing, the weights
+    and a manifest, which `surgeon.load(RUN, model)` applies."""
+    _fresh_out(out_dir, force)
+    with _status("importing", as_json):
+        job = import_peft(peft_dir, model, checkpoint=checkpoint)
+        with _staged(out_dir, force) as staging:
+            job.save(staging)
+    if as_json:
+        print(json.dumps({"ok": True, "run": str(out_dir), "spec": job.manifest.spec_text}))
+        return
+    out.print(job.manifest.spec_text.strip())
+    out.print(f"wrote {out_dir}/manifest.json, {out_dir}/adapters.safetensors and {out_dir}/spec.peft")
 
 
 @app.command()

@@ -7,7 +7,7 @@ import warnings
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError
@@ -22,6 +22,7 @@ from surgeon.manifest import (ADAPTER_FILE, ORIGINALS_DIR, TRAINED_BASE_PREFIX, 
 from surgeon.methods.base import ApplyContext
 from surgeon.models import (checkpoint_matches, load_model, load_model_skeleton, resolve_device,
                             stream_checkpoint)
+from surgeon.peft_format import export_peft, fill_from_peft, read_peft_dir, spec_from_peft
 from surgeon.originals import CheckpointOriginals, Originals, SpilledOriginals, originals_for
 from surgeon.planner import Plan, method_of, plan
 from surgeon.revert import check_tensors, revert_surgery
@@ -103,10 +104,18 @@ class Job:
                   "using torch.optim.AdamW")
         return torch.optim.AdamW(params, **options)
 
-    def save(self, run_dir: str | Path) -> Path:
-        """Write manifest.json and adapters.safetensors (the added and trained tensors) to run_dir."""
+    def save(self, run_dir: str | Path, format: Literal["surgeon", "peft"] = "surgeon") -> Path:
+        """Write manifest.json and adapters.safetensors (the added and trained tensors) to run_dir;
+        with format="peft", PEFT's adapter_config.json + adapter_model.safetensors instead, which
+        `peft.PeftModel.from_pretrained(base, run_dir)` loads."""
         surgery = self._live()
         run_dir = Path(run_dir)
+        if format == "peft":
+            source = self.manifest.source
+            export_peft(surgery.patches, run_dir, source.location if source.kind == "hf" else None)
+            return run_dir
+        if format != "surgeon":
+            raise SurgeonError(f"unknown format '{format}': use 'surgeon' or 'peft'")
         run_dir.mkdir(parents=True, exist_ok=True)
         tensors = {name: p.detach().contiguous().cpu() for name, p in self.added_tensors().items()}
         for _, patch in surgery.patches:
@@ -257,6 +266,26 @@ def load(run_dir: str | Path, model: nn.Module) -> Job:
     for record, (_, patch) in zip(manifest.patches, surgery.patches):
         if record.merged:
             patch.merge()
+    return job
+
+
+def import_peft(peft_dir: str | Path, model_ref: str, run_dir: str | Path | None = None,
+                checkpoint: str | None = None) -> Job:
+    """A PEFT adapter directory as a surgeon job on MODEL: the spec that says the same thing,
+    applied, with the adapter's weights; saved as a run when `run_dir` is given."""
+    peft_dir = Path(peft_dir)
+    config, tensors = read_peft_dir(peft_dir)
+    model, source = load_model(model_ref, checkpoint=checkpoint)
+    statement, by_module = spec_from_peft(config, tensors, model)
+    text = f"# imported from the PEFT adapter {peft_dir.resolve()}\n{statement}\n"
+    job = apply(parse_spec(text, str(peft_dir / "adapter_config.json")), model, source=source)
+    try:
+        fill_from_peft(job._live().patches, by_module)
+    except Exception:
+        job.revert()
+        raise
+    if run_dir is not None:
+        job.save(run_dir)
     return job
 
 

@@ -120,4 +120,4 @@ def test_real_process_prints_no_traceback_and_exits_2(tmp_path):
     assert done.returncode == 2
     assert "Traceback" not in done.stderr + done.stdout
     assert f"{bad}:2:8: error: unknown method 'inject lorra'" in done.stderr
-    assert "did you mean 'lora'?" in done.stderr
+    assert "did you mean 'lora'" in done.stderr

@@ -50,7 +50,7 @@ SPEC_ERRORS = [
     ("inject lora r=8 into *.attn.<q,v> extra", [":1:35: error: unexpected 'extra'", "^~"]),
     ("inject lora r=8 into\n*.attn.q", [":1:21: error: unexpected end of line", "expected a module pattern"]),
     ("injekt lora r=8 into *.attn.q", [":1:1: error: unknown verb 'injekt'", "did you mean 'inject'?"]),
-    ("inject lorra r=8 into *.attn.q", [":1:8: error: unknown method 'inject lorra'", "did you mean 'lora'?"]),
+    ("inject lorra r=8 into *.attn.q", [":1:8: error: unknown method 'inject lorra'", "did you mean 'lora'"]),
     ("inject lora r=8 alpah=16 into *.attn.q", [":1:17: error: unknown parameter 'alpah' for lora", "did you mean 'alpha'?"]),
     ("inject lora r=0 into *.attn.q", [":1:13: error: bad value 0 for 'r'", "greater than or equal to 1"]),
     ("inject lora dropout=1.5 into *.attn.q", ["bad value 1.5 for 'dropout'"]),

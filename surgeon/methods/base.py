@@ -180,6 +180,12 @@ class Method(ABC):
         raise ExportError(f"{cls.verb} {cls.name} has no PEFT equivalent")
 
     @classmethod
+    def peft_target_config(cls, params: MethodParams, targets: list[Target]) -> dict[str, Any]:
+        """adapter_config.json entries that depend on which modules one statement targets
+        (IA3's feedforward_modules); most methods have none."""
+        return {}
+
+    @classmethod
     def to_peft_tensors(cls, target: Target, params: MethodParams,
                         tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This patch's added tensors (local names, as `added_shapes` names them) under PEFT's

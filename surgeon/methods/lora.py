@@ -9,13 +9,14 @@ move between the two unchanged.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from surgeon.errors import ExportError
 from surgeon.methods.base import ApplyContext, Method, MethodParams, Patch, Target, WrapPatch, locate, register
 
 
@@ -211,3 +212,79 @@ class Lora(Method):
         if patch.bias_name:
             original.bias.requires_grad_(True)
         return patch
+
+    # PEFT interchange: LoraConfig, and PEFT's names for the same tensors in the same layouts
+
+    peft_type = "LORA"
+
+    @classmethod
+    def peft_config(cls, params: MethodParams) -> dict[str, Any]:
+        assert isinstance(params, LoraParams)
+        return {"r": params.r, "lora_alpha": params.alpha if params.alpha is not None else params.r,
+                "lora_dropout": params.dropout, "use_rslora": params.rslora, "bias": params.bias,
+                "use_dora": False, "init_lora_weights": True}
+
+    @classmethod
+    def to_peft_tensors(cls, target: Target, params: MethodParams,
+                        tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if target.slices:
+            raise ExportError(f"LoRA on the {'/'.join(target.slices)} slice of the fused {target.path} has no PEFT "
+                              "equivalent: PEFT adapts whole modules; target the whole module "
+                              f"('into {target.path.rsplit('.', 1)[-1]}') to export")
+        names = _PEFT_NAMES[target.kind]
+        return {names[local]: tensor for local, tensor in tensors.items()}
+
+    @classmethod
+    def from_peft_tensors(cls, target: Target, params: MethodParams,
+                          tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        local_of = {peft: local for local, peft in _PEFT_NAMES[target.kind].items()}
+        unknown = sorted(set(tensors) - set(local_of))
+        if unknown:
+            raise ExportError(f"PEFT tensors {unknown} of {target.path} are not LoRA's")
+        return {local_of[name]: tensor for name, tensor in tensors.items()}
+
+    @classmethod
+    def statement_from_peft(cls, config: dict[str, Any], targets: list[str]) -> str:
+        if config.get("use_dora"):
+            raise ExportError("a DoRA adapter (use_dora=true) is not plain LoRA")
+        for option, plain in (("lora_bias", False), ("layer_replication", None), ("use_qalora", False)):
+            if config.get(option, plain) not in (plain, None, False, {}):
+                raise ExportError(f"PEFT option {option}={config[option]!r} has no surgeon equivalent")
+        if config.get("bias", "none") == "all":
+            raise ExportError("PEFT bias='all' (train every bias of the model) has no surgeon equivalent yet")
+        ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+        groups: dict[tuple[int, float], list[str]] = {}
+        for path in targets:
+            r = _pattern_value(ranks, path, config.get("r", 8))
+            alpha = _pattern_value(alphas, path, config.get("lora_alpha", 8))
+            groups.setdefault((int(r), float(alpha)), []).append(path)
+        lines = []
+        for (r, alpha), paths in groups.items():
+            words = [f"inject lora r={r} alpha={alpha:g}"]
+            if config.get("lora_dropout"):
+                words.append(f"dropout={config['lora_dropout']:g}")
+            if config.get("use_rslora"):
+                words.append("rslora=true")
+            if config.get("bias", "none") == "lora_only":
+                words.append("bias=lora_only")
+            words.append(f"into <{','.join(paths)}>")
+            lines.append(" ".join(words))
+        return "\n".join(lines)
+
+
+_PEFT_NAMES: dict[str, dict[str, str]] = {  # surgeon's local name -> PEFT's, relative to the module
+    "linear": {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"},
+    "conv1d": {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"},
+    "conv2d": {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"},
+    "embedding": {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"},
+}
+
+
+def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module path by regex at its end."""
+    import re
+
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default

@@ -1,0 +1,192 @@
+"""Hugging Face PEFT's adapter format, both ways: a surgeon run becomes an adapter directory
+(`adapter_config.json` + `adapter_model.safetensors`) that `peft.PeftModel.from_pretrained` loads,
+and a PEFT adapter directory becomes a surgeon run (spec, weights, manifest) that `surgeon.load`
+applies.
+
+The translation of parameters and tensor names lives with each method (the PEFT hooks of
+`surgeon.methods.base.Method`); this module only groups statements into one PEFT config and moves
+tensors. Quantize statements are not adapters: they are left out of the export (PEFT loads an
+adapter onto whatever base it is given, a bitsandbytes-quantized one included).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from surgeon.errors import ExportError
+from surgeon.graph import build_module_graph
+from surgeon.patterns import compile_pattern
+from surgeon.methods.base import Method, MethodParams, Target, registry
+from surgeon.planner import Rewrite, method_of, params_of
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_PER_MODULE = {"r": "rank_pattern", "lora_alpha": "alpha_pattern"}  # what PEFT can vary by module
+
+
+def export_peft(patches: list[tuple[Rewrite, Any]], out_dir: Path, base_model: str | None = None) -> dict[str, Any]:
+    """Write the adapter directory for a live surgery's (rewrite, patch) pairs; the config written."""
+    adapters = [(r, p) for r, p in patches if method_of(r).verb != "quantize"]
+    if not adapters:
+        raise ExportError("the run adds no adapter: there is nothing to export to PEFT")
+    config = _merged_config(adapters)
+    tensors: dict[str, torch.Tensor] = {}
+    targets = {r.target.path for r, _ in adapters}
+    for rewrite, patch in adapters:
+        method, params = method_of(rewrite), params_of(rewrite)
+        added = {n: p.detach() for n, p in patch.added_parameters().items()}
+        for name, tensor in method.to_peft_tensors(rewrite.target, params, added).items():
+            tensors[f"{_PREFIX}{rewrite.target.path}.{name}"] = tensor
+        for name, param in patch.trained_base_parameters().items():
+            owner, _, leaf = name.rpartition(".")
+            peft_name = f"{owner}.base_layer.{leaf}" if owner in targets else name
+            tensors[_PREFIX + peft_name] = param.detach()
+    config |= {"target_modules": sorted(targets), "base_model_name_or_path": base_model, "task_type": None,
+               "inference_mode": True, "modules_to_save": None}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(out_dir / WEIGHTS_FILE))
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return config
+
+
+def _merged_config(adapters: list[tuple[Rewrite, Any]]) -> dict[str, Any]:
+    """One PEFT config for every statement: they must agree, but for what PEFT varies per module."""
+    by_statement: dict[int, tuple[type[Method], MethodParams, list[Target]]] = {}
+    for rewrite, _ in adapters:
+        method = method_of(rewrite)
+        if method.peft_type is None:
+            raise ExportError(f"{method.verb} {method.name} (statement {rewrite.statement + 1}) has no PEFT equivalent")
+        entry = by_statement.setdefault(rewrite.statement, (method, params_of(rewrite), []))
+        entry[2].append(rewrite.target)
+    types = {method.peft_type for method, _, _ in by_statement.values()}
+    if len(types) > 1:
+        raise ExportError(f"a PEFT adapter has one type; this run mixes {', '.join(sorted(t or '' for t in types))}")
+    merged: dict[str, Any] = {"peft_type": types.pop()}
+    for method, params, targets in by_statement.values():
+        config = method.peft_config(params) | method.peft_target_config(params, targets)
+        for key, value in config.items():
+            _merge_entry(merged, key, value, [t.path for t in targets])
+    return merged
+
+
+def _merge_entry(merged: dict[str, Any], key: str, value: Any, paths: list[str]) -> None:
+    if isinstance(value, list) and isinstance(merged.get(key), list):  # e.g. feedforward_modules
+        merged[key] = sorted(set(merged[key]) | set(value))
+    elif key not in merged:
+        merged[key] = value
+    elif merged[key] != value and key in _PER_MODULE:
+        merged.setdefault(_PER_MODULE[key], {}).update({path: value for path in paths})
+    elif merged[key] != value:
+        raise ExportError(f"the statements disagree on PEFT's '{key}' ({merged[key]!r} vs {value!r}); "
+                          "a PEFT adapter holds one value: export them as separate runs")
+
+
+def read_peft_dir(peft_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    config_path, weights_path = peft_dir / CONFIG_FILE, peft_dir / WEIGHTS_FILE
+    if not config_path.is_file():
+        raise ExportError(f"{peft_dir} has no {CONFIG_FILE}: not a PEFT adapter directory")
+    if not weights_path.is_file():
+        hint = " (adapter_model.bin is not read: convert it to safetensors)" if (peft_dir / "adapter_model.bin").is_file() else ""
+        raise ExportError(f"{peft_dir} has no {WEIGHTS_FILE}{hint}")
+    try:
+        config = json.loads(config_path.read_text())
+        tensors = load_file(str(weights_path))
+    except (ValueError, OSError, SafetensorError) as err:
+        raise ExportError(f"cannot read the PEFT adapter in {peft_dir}: {err}") from None
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise ExportError(f"{config_path} has no peft_type")
+    return config, tensors
+
+
+def spec_from_peft(config: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
+    """The spec that says what the adapter says, and the adapter's tensors by module path (PEFT names)."""
+    by_module = _tensors_by_module(tensors, {name for name, _ in model.named_modules() if name})
+    targets = sorted(path for path, found in by_module.items() if any(not n.startswith("base_layer.") for n in found))
+    if not targets:
+        raise ExportError("the PEFT adapter holds no tensors of a module of this model")
+    candidates = [m for m in registry().values() if m.peft_type == config["peft_type"]]
+    if not candidates:
+        raise ExportError(f"PEFT type {config['peft_type']} has no surgeon method")
+    reasons = []
+    for method in candidates:
+        try:
+            statement = method.statement_from_peft(config, targets)
+        except ExportError as err:
+            reasons.append(f"{method.name}: {err}")
+            continue
+        names = config.get("target_modules")
+        short = _shorter_targets(statement, names, model) if isinstance(names, list) else statement
+        return _allow_ties(short, model), by_module
+    raise ExportError("; ".join(reasons))
+
+
+def _shorter_targets(statement: str, names: list[str], model: nn.Module) -> str:
+    """`into <q_proj,v_proj>` (PEFT's own target_modules) instead of every full path, where those
+    names match exactly the same modules of this model."""
+    paths_of_model = [name for name, _ in model.named_modules() if name]
+    lines = []
+    for line in statement.splitlines():
+        head, _, targets = line.partition(" into <")
+        paths = set(targets.rstrip(">").split(",")) if targets else set()
+        used = sorted(n for n in names if any(p == n or p.endswith("." + n) for p in paths))
+        if used:
+            pattern = compile_pattern(used[0] if len(used) == 1 else f"<{','.join(used)}>")
+            if {p for p in paths_of_model if pattern.matches(p)} == paths:
+                line = f"{head} into {pattern.text}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _allow_ties(statement: str, model: nn.Module) -> str:
+    """PEFT adapts a tied module (GPT-2's wte, tied to lm_head) without asking; surgeon's planner
+    wants `tied=true` said: say it on the statements whose targets hold a tied weight."""
+    graph = build_module_graph(model)
+    lines = []
+    for line in statement.splitlines():
+        head, _, pattern_text = line.partition(" into ")
+        pattern = compile_pattern(pattern_text) if pattern_text else None
+        paths = [p for p in graph.modules if pattern is not None and pattern.matches(p)]
+        if any(graph.tied_outside(path) for path in paths) and " tied=" not in head:
+            line = f"{head} tied=true into {pattern_text}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _tensors_by_module(tensors: dict[str, torch.Tensor], modules: set[str]) -> dict[str, dict[str, torch.Tensor]]:
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        name = key.removeprefix(_PREFIX)
+        parts = name.split(".")
+        owner = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in modules), None)
+        if owner is None:
+            raise ExportError(f"the PEFT tensor {key} belongs to no module of this model (a different base model?)")
+        found.setdefault(owner, {})[name[len(owner) + 1:]] = tensor
+    return found
+
+
+def fill_from_peft(patches: list[tuple[Rewrite, Any]], by_module: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Copy the adapter's tensors into a freshly applied surgery's added (and trained base) parameters."""
+    with torch.no_grad():
+        for rewrite, patch in patches:
+            found = by_module.get(rewrite.target.path, {})
+            own = {n: t for n, t in found.items() if not n.startswith("base_layer.")}
+            local = method_of(rewrite).from_peft_tensors(rewrite.target, params_of(rewrite), own)
+            added = patch.added_parameters()
+            for name, tensor in local.items():
+                if name not in added or added[name].shape != tensor.shape:
+                    shape = tuple(added[name].shape) if name in added else None
+                    raise ExportError(f"the PEFT tensor for {rewrite.target.path}.{name} is {tuple(tensor.shape)}, "
+                                      f"surgeon expects {shape}")
+                added[name].copy_(tensor)
+            for name, param in patch.trained_base_parameters().items():
+                leaf = name.rpartition(".")[2]
+                if f"base_layer.{leaf}" in found:
+                    param.copy_(found[f"base_layer.{leaf}"])
