@@ -17,7 +17,7 @@ from torch import nn
 from surgeon.errors import ManifestError, PlanError, SurgeonError
 from surgeon.graph import build_module_graph
 from surgeon.language import parse_spec, read_spec_text
-from surgeon.manifest import (ADAPTER_FILE, ORIGINALS_DIR, TRAINED_BASE_PREFIX, Manifest, OriginalsRef,
+from surgeon.manifest import (ADAPTER_FILE, ORIGINALS_DIR, STATE_PREFIX, TRAINED_BASE_PREFIX, Manifest, OriginalsRef,
                               SourceRef, read_manifest, sha256_file)
 from surgeon.methods.base import ApplyContext
 from surgeon.models import (checkpoint_matches, load_model, load_model_skeleton, resolve_device,
@@ -118,9 +118,11 @@ class Job:
             raise SurgeonError(f"unknown format '{format}': use 'surgeon' or 'peft'")
         run_dir.mkdir(parents=True, exist_ok=True)
         tensors = {name: p.detach().contiguous().cpu() for name, p in self.added_tensors().items()}
-        for _, patch in surgery.patches:
+        for index, (_, patch) in enumerate(surgery.patches):
             for name, param in patch.trained_base_parameters().items():
                 tensors[TRAINED_BASE_PREFIX + name] = param.detach().contiguous().cpu()
+            for name, tensor in patch.saved_state().items():
+                tensors[f"{STATE_PREFIX}{index}::{name}"] = tensor.detach().contiguous().cpu()
         if any(t.device.type == "meta" for t in tensors.values()):
             raise SurgeonError("the model is on the meta device: there are no weights to save")
         save_file(tensors, str(run_dir / ADAPTER_FILE))
@@ -290,6 +292,14 @@ def import_peft(peft_dir: str | Path, model_ref: str, run_dir: str | Path | None
 
 
 def _fill(job: Job, tensors: dict[str, torch.Tensor]) -> None:
+    states: dict[int, dict[str, torch.Tensor]] = {}
+    for key in [k for k in tensors if k.startswith(STATE_PREFIX)]:
+        index, _, name = key.removeprefix(STATE_PREFIX).partition("::")
+        states.setdefault(int(index), {})[name] = tensors.pop(key)
+    if any(index >= len(job._surgery.patches) for index in states):
+        raise ManifestError(f"{ADAPTER_FILE} holds state for patches the run does not have")
+    for index, state in states.items():
+        job._surgery.patches[index][1].load_saved_state(state)
     targets = job.added_tensors()
     for _, patch in job._surgery.patches:
         targets.update({TRAINED_BASE_PREFIX + n: p for n, p in patch.trained_base_parameters().items()})

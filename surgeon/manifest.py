@@ -20,6 +20,7 @@ SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 ADAPTER_FILE = "adapters.safetensors"
 TRAINED_BASE_PREFIX = "trained_base::"
+STATE_PREFIX = "state::"  # state::<patch index>::<name>: a patch's saved_state()
 ORIGINALS_DIR = "originals"
 
 

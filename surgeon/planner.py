@@ -115,6 +115,11 @@ class _Planner:
                 known = list(method.Params.model_fields)
                 raise self.error(f"unknown parameter '{key}' for {method.name}", location,
                                  did_you_mean(key, known) or "parameters: " + ", ".join(known)) from None
+            if problem["type"] == "missing":
+                field = method.Params.model_fields.get(key)
+                description = field.description if field is not None else None
+                raise self.error(f"{method.name} needs parameter '{key}'", statement.location,
+                                 f"{key}=...: {description}" if description else None) from None
             value = by_key[key].value if key in by_key else None
             choices = get_args(method.Params.model_fields[key].annotation) if key in method.Params.model_fields else ()
             hint = did_you_mean(str(value), [str(c) for c in choices]) if problem["type"] == "literal_error" else None
@@ -250,6 +255,11 @@ class _Planner:
                         dag.add_edge(a, b)
                     if second.method in method_of(first).stacks_on:
                         dag.add_edge(b, a)
+                    refusal = method_of(second).refuses_stack.get(first.method) or \
+                        method_of(first).refuses_stack.get(second.method)
+                    if refusal:
+                        raise self.error(f"'{second.verb} {second.method}' cannot stack on "
+                                         f"'{first.verb} {first.method}' at {path}: {refusal}", second.location)
                     if not dag.has_edge(a, b) and not dag.has_edge(b, a):
                         raise self.error(
                             f"{path} is targeted twice: by '{first.verb} {first.method}' "

@@ -113,6 +113,16 @@ class Patch(ABC):
         """Called by `job.step(global_step, optimizer)` after each optimizer step, for methods whose
         structure changes during training (AdaLoRA's rank budget, ReLoRA's restarts)."""
 
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        """Tensors beyond the added and trained parameters that a saved run needs to rebuild this
+        patch as it is now (ReLoRA's base weight after restarts). Saved by `job.save`, handed back
+        to `load_saved_state` by `surgeon.load`."""
+        return {}
+
+    def load_saved_state(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise PlanError(f"{type(self).__name__} keeps no saved state, but the run holds {sorted(state)}")
+
     def regularization(self) -> torch.Tensor | None:
         """A term this patch adds to the loss (AdaLoRA's orthogonality); `job.regularization()` sums them."""
         return None
@@ -130,6 +140,7 @@ class Method(ABC):
     kinds: ClassVar[frozenset[str]] = frozenset()
     takes_slices: ClassVar[bool] = False  # can it act on a q/k/v slice of a fused projection?
     stacks_on: ClassVar[frozenset[str]] = frozenset()  # methods that may precede it on one module
+    refuses_stack: ClassVar[dict[str, str]] = {}  # method -> why this one cannot share a module with it
     mergeable: ClassVar[bool] = False
     streams: ClassVar[bool] = False  # may be applied tensor by tensor while a checkpoint loads
     summary: ClassVar[str] = ""
