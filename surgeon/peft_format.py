@@ -29,7 +29,7 @@ from surgeon.planner import Rewrite, method_of, params_of
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
-_PER_MODULE = {"r": "rank_pattern", "lora_alpha": "alpha_pattern"}  # what PEFT can vary by module
+_PER_MODULE = {"r": "rank_pattern", "lora_alpha": "alpha_pattern", "alpha": "alpha_pattern"}  # what PEFT can vary by module
 
 
 def export_peft(patches: list[tuple[Rewrite, Any]], out_dir: Path, base_model: str | None = None) -> dict[str, Any]:
