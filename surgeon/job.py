@@ -112,7 +112,7 @@ class Job:
         run_dir = Path(run_dir)
         if format == "peft":
             source = self.manifest.source
-            export_peft(surgery.patches, run_dir, source.location if source.kind == "hf" else None)
+            export_peft(surgery.patches, run_dir, source.location if source.kind == "hf" else None, surgery.model)
             return run_dir
         if format != "surgeon":
             raise SurgeonError(f"unknown format '{format}': use 'surgeon' or 'peft'")

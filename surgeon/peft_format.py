@@ -32,8 +32,11 @@ _PREFIX = "base_model.model."
 _PER_MODULE = {"r": "rank_pattern", "lora_alpha": "alpha_pattern", "alpha": "alpha_pattern"}  # what PEFT can vary by module
 
 
-def export_peft(patches: list[tuple[Rewrite, Any]], out_dir: Path, base_model: str | None = None) -> dict[str, Any]:
-    """Write the adapter directory for a live surgery's (rewrite, patch) pairs; the config written."""
+def export_peft(patches: list[tuple[Rewrite, Any]], out_dir: Path, base_model: str | None = None,
+                model: nn.Module | None = None) -> dict[str, Any]:
+    """Write the adapter directory for a live surgery's (rewrite, patch) pairs; the config written.
+    With `model`, module lists are written as PEFT users write them (`["q_proj", "v_proj"]`)
+    where those names pick exactly the same modules."""
     adapters = [(r, p) for r, p in patches if method_of(r).verb != "quantize"]
     if not adapters:
         raise ExportError("the run adds no adapter: there is nothing to export to PEFT")
@@ -51,10 +54,22 @@ def export_peft(patches: list[tuple[Rewrite, Any]], out_dir: Path, base_model: s
             tensors[_PREFIX + peft_name] = param.detach()
     config |= {"target_modules": sorted(targets), "base_model_name_or_path": base_model, "task_type": None,
                "inference_mode": True, "modules_to_save": None}
+    if model is not None:
+        names = [name for name, _ in model.named_modules() if name]
+        for key in ("target_modules", "feedforward_modules"):
+            if isinstance(config.get(key), list):
+                config[key] = _short_names(config[key], names)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(out_dir / WEIGHTS_FILE))
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return config
+
+
+def _short_names(paths: list[str], module_names: list[str]) -> list[str]:
+    """The modules' last names when PEFT's suffix match over the model picks exactly `paths`."""
+    short = sorted({path.rsplit(".", 1)[-1] for path in paths})
+    picked = {m for m in module_names if any(m == n or m.endswith("." + n) for n in short)}
+    return short if picked == set(paths) else sorted(paths)
 
 
 def _merged_config(adapters: list[tuple[Rewrite, Any]]) -> dict[str, Any]:

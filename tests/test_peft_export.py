@@ -149,4 +149,51 @@ def test_qlora_exports_its_lora_only(tmp_path):
     job = surgeon.apply("quantize base nf4 double compute=fp32\ninject lora r=4 alpha=8 into *.attn.<q,v>", tiny_llama())
     job.save(tmp_path / "adapter", format="peft")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["target_modules"] == sorted(f"model.layers.{i}.self_attn.{m}_proj" for i in range(2) for m in "qv")
+    assert config["target_modules"] == ["q_proj", "v_proj"]  # as a PEFT user writes them: they pick the same modules
+
+
+def test_target_modules_stay_full_paths_where_short_names_would_pick_more(tmp_path):
+    job = surgeon.apply("inject lora r=2 into layers.0.attn.q", tiny_llama())
+    job.save(tmp_path / "adapter", format="peft")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["model.layers.0.self_attn.q_proj"]
+
+
+ROUND_TRIPS = [  # every method PEFT has, on Llama and on BERT (GPT-2's whole c_attn for LoRA above)
+    ("llama", "inject lora r=4 alpha=8 into *.attn.<q,v>", "LORA"),
+    ("llama", "inject dora r=4 alpha=8 into *.attn.<q,v>", "LORA"),
+    ("llama", "inject adalora init_r=6 target_r=4 tinit=1 tfinal=1 total_steps=10 into *.attn.<q,v>", "ADALORA"),
+    ("llama", "inject loha r=4 alpha=8 into *.attn.<q,v>", "LOHA"),
+    ("llama", "inject lokr r=4 alpha=8 into *.mlp.<up,down>", "LOKR"),
+    ("llama", "inject ia3 into *.attn.<k,v>\ninject ia3 into *.mlp.down", "IA3"),
+    ("bert", "inject dora r=4 alpha=8 into *.attn.<q,v>", "LORA"),
+    ("bert", "inject loha r=2 alpha=4 into *.attn.<q,v>", "LOHA"),
+    ("bert", "inject lokr r=2 alpha=4 into *.attn.<q,v>", "LOKR"),
+    ("bert", "inject ia3 into *.attn.<k,v>", "IA3"),
+]
+
+
+@pytest.mark.parametrize(("arch", "spec", "peft_type"), ROUND_TRIPS,
+                         ids=[f"{a}-{s.split()[1]}" for a, s, _ in ROUND_TRIPS])
+def test_every_method_round_trips_through_peft_both_ways(tmp_path, arch, spec, peft_type):
+    """surgeon -> PEFT (PeftModel.from_pretrained) -> surgeon (surgeon import): one function throughout."""
+    from surgeon.models import load_model
+
+    BUILDERS[arch]().save_pretrained(tmp_path / "base")
+    model, source = load_model(str(tmp_path / "base"))
+    job = surgeon.apply(spec, model, seed=0, source=source)
+    randomize(job)
+    model.eval()
+    ids = batch()
+    ours = run(model, ids)
+    assert (ours - run(load_model(str(tmp_path / "base"))[0].eval(), ids)).abs().max() > 1e-3
+    job.save(tmp_path / "adapter", format="peft")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == peft_type
+    theirs = peft.PeftModel.from_pretrained(load_model(str(tmp_path / "base"))[0], tmp_path / "adapter").eval()
+    assert (run(theirs, ids) - ours).abs().max() <= 1e-5
+    result = runner.invoke(app, ["import", str(tmp_path / "adapter"), "--model", str(tmp_path / "base"),
+                                 "--out", str(tmp_path / "run"), "--json"])
+    assert result.exit_code == 0, result.output
+    fresh = load_model(str(tmp_path / "base"))[0].eval()
+    surgeon.load(tmp_path / "run", fresh)
+    assert (run(fresh, ids) - ours).abs().max() <= 1e-5
