@@ -123,9 +123,9 @@ def _plan_json(the_plan: Plan) -> dict[str, Any]:
         "rewrites": rewrites,
         "totals": {
             "rewrites": len(rewrites),
-            "trainable_parameters": the_plan.added_parameters,
+            "trainable_parameters": the_plan.trainable_parameters,
             "base_parameters": the_plan.base_parameters,
-            "trainable_share": the_plan.added_parameters / max(1, the_plan.base_parameters),
+            "trainable_share": the_plan.trainable_parameters / max(1, the_plan.base_parameters),
             "added_bytes": added_bytes,
             "memory_before": the_plan.base_bytes,
             "memory_after": the_plan.base_bytes + added_bytes + sum(r.bytes_after - r.bytes_before for r in shrunk),

@@ -9,6 +9,7 @@ on the same module, reject conflicts, untold ties and cycles; its topological or
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Any, get_args
 
 import networkx as nx
@@ -30,19 +31,18 @@ class Rewrite(BaseModel):
     target: Target
     added: dict[str, tuple[int, ...]]
     location: Location
+    trained: dict[str, tuple[int, ...]] = {}  # the target's own parameters made trainable
     label: str | None = None
     bytes_before: int = 0  # the target's own tensors, before and after (quantization shrinks them)
     bytes_after: int = 0
 
     @property
     def added_count(self) -> int:
-        total = 0
-        for shape in self.added.values():
-            n = 1
-            for s in shape:
-                n *= s
-            total += n
-        return total
+        return sum(math.prod(shape) for shape in self.added.values())
+
+    @property
+    def trained_count(self) -> int:
+        return sum(math.prod(shape) for shape in self.trained.values())
 
 
 class Plan(BaseModel):
@@ -55,6 +55,12 @@ class Plan(BaseModel):
     @property
     def added_parameters(self) -> int:
         return sum(r.added_count for r in self.rewrites)
+
+    @property
+    def trainable_parameters(self) -> int:
+        """Added parameters plus the base parameters made trainable (each counted once)."""
+        trained = {f"{r.target.path}.{name}": math.prod(shape) for r in self.rewrites for name, shape in r.trained.items()}
+        return self.added_parameters + sum(trained.values())
 
 
 def method_of(rewrite: Rewrite) -> type[Method]:
@@ -224,6 +230,7 @@ class _Planner:
             rewrites.append(Rewrite(
                 statement=index, verb=method.verb, method=method.name,
                 params=params.model_dump(), target=target, added=method.added_shapes(target, params),
+                trained=method.trained_shapes(target, params),
                 location=statement.location, label=statement.name, bytes_before=before, bytes_after=after,
             ))
         return rewrites

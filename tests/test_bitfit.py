@@ -204,3 +204,25 @@ def test_bitfit_has_no_peft_equivalent():
     for call in calls:
         with pytest.raises(ExportError, match="train bias has no PEFT equivalent"):
             call()
+
+
+def test_check_counts_the_biases_it_makes_trainable(tmp_path):
+    """`surgeon check` totals: BitFit adds nothing, it trains the base's own biases; count them."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from surgeon.cli import app
+    from conftest import tiny_bert
+
+    model = tiny_bert()
+    expected = sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
+    plan = surgeon.check("train bias", model)
+    assert plan.added_parameters == 0 and plan.trainable_parameters == expected
+    spec = tmp_path / "bitfit.peft"
+    spec.write_text("train bias only=<q,v>")
+    model.save_pretrained(tmp_path / "bert")
+    result = CliRunner().invoke(app, ["check", str(spec), str(tmp_path / "bert"), "--json"])
+    assert result.exit_code == 0, result.output
+    hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
+    assert json.loads(result.output)["totals"]["trainable_parameters"] == 2 * hidden * layers

@@ -178,6 +178,12 @@ class Method(ABC):
         """Local parameter name -> shape of what `apply` will add."""
 
     @classmethod
+    def trained_shapes(cls, target: Target, params: MethodParams) -> dict[str, tuple[int, ...]]:
+        """Local name -> shape of the target's own parameters `apply` will make trainable (BitFit's
+        biases, LoRA's bias=lora_only), for the plan's trainable count."""
+        return {}
+
+    @classmethod
     @abstractmethod
     def apply(cls, model: nn.Module, target: Target, params: MethodParams, ctx: ApplyContext) -> Patch:
         """Patch the module at target.path of `model` and return the patch. `ctx.init` False: the

@@ -61,6 +61,14 @@ def _adds(target: Target, params: BitFitParams) -> bool:
             and target.kind in _CAN_ADD)
 
 
+def _bias_shape(target: Target) -> tuple[int, ...]:
+    """A bias has one entry per output feature (channel; normalised element for a norm)."""
+    if target.kind in ("linear", "conv1d"):
+        return (target.out_features or 0,)
+    shape = target.weight_shape or (0,)
+    return tuple(shape) if target.kind == "norm" else (shape[0],)
+
+
 def _bias_owner(module: nn.Module) -> nn.Module:
     """The module that holds the bias: under a LoRA wrapper (stacked statements), its base."""
     while "bias" not in module._parameters and "bias" not in vars(module) \
@@ -150,6 +158,13 @@ class BitFit(Method):
     def added_shapes(cls, target: Target, params: MethodParams) -> dict[str, tuple[int, ...]]:
         assert isinstance(params, BitFitParams)
         return {"bias": (target.out_features or 0,)} if _adds(target, params) else {}
+
+    @classmethod
+    def trained_shapes(cls, target: Target, params: MethodParams) -> dict[str, tuple[int, ...]]:
+        assert isinstance(params, BitFitParams)
+        if not (target.has_bias and _chosen(target, params)):
+            return {}
+        return {"bias": _bias_shape(target)}
 
     @classmethod
     def apply(cls, model: nn.Module, target: Target, params: MethodParams, ctx: ApplyContext) -> Patch:

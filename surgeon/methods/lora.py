@@ -203,6 +203,15 @@ class Lora(Method):
         return shapes
 
     @classmethod
+    def trained_shapes(cls, target: Target, params: MethodParams) -> dict[str, tuple[int, ...]]:
+        assert isinstance(params, LoraParams)
+        if params.bias != "lora_only" or not target.has_bias:
+            return {}
+        if target.kind == "conv2d":
+            return {"bias": (target.weight_shape or (0,))[:1]}
+        return {"bias": (target.out_features or 0,)}  # linear, conv1d (embeddings have no bias)
+
+    @classmethod
     def apply(cls, model: nn.Module, target: Target, params: MethodParams, ctx: ApplyContext) -> Patch:
         assert isinstance(params, LoraParams)
         parent, attr, original = locate(model, target.path)
