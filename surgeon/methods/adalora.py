@@ -28,7 +28,7 @@ from torch import nn
 
 from surgeon.errors import ExportError, SurgeonError
 from surgeon.methods.base import ApplyContext, Method, MethodParams, Patch, Target, WrapPatch, locate, register
-from surgeon.methods.lora import _dtype_device
+from surgeon.methods.lora import compute_dtype_device
 
 _INIT_STD = 0.02  # PEFT's reset_lora_parameters: normal(0, 0.02) for A and B
 
@@ -79,7 +79,7 @@ class AdaLoraLinear(nn.Module):
         self.alpha = params.alpha
         self.dropout = nn.Dropout(params.dropout) if params.dropout > 0 else nn.Identity()
         self.train(base.training)  # a wrapper made in eval mode stays in eval mode
-        dtype, device = _dtype_device(base)
+        dtype, device = compute_dtype_device(base)
         self.dtype = dtype
         self.transposed = target.kind == "conv1d"
         assert target.in_features is not None and target.out_features is not None
@@ -124,7 +124,7 @@ class AdaLoraLinear(nn.Module):
         return out
 
     def delta_weights(self) -> dict[str, torch.Tensor]:
-        dtype, device = _dtype_device(self.base)
+        dtype, device = compute_dtype_device(self.base)
         delta = torch.zeros((self.out_features, self.in_features), dtype=dtype, device=device)
         spans = {f"_{n}": span for n, span in self.slices.items()} or {"": (0, self.out_features)}
         for suffix, (start, stop) in spans.items():
@@ -400,7 +400,7 @@ class AdaLora(Method):
     def apply(cls, model: nn.Module, target: Target, params: MethodParams, ctx: ApplyContext) -> Patch:
         assert isinstance(params, AdaLoraParams)
         parent, attr, original = locate(model, target.path)
-        init = ctx.init and _dtype_device(original)[1].type != "meta"  # nothing to draw on meta
+        init = ctx.init and compute_dtype_device(original)[1].type != "meta"  # nothing to draw on meta
         wrapper = AdaLoraLinear(original, target, params, init)
         return AdaLoraPatch(parent, attr, original, wrapper, _allocator_for(model, params, target.path), target.path)
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from surgeon.errors import ExportError
 from surgeon.methods.base import ApplyContext, MethodParams, Patch, Target, locate, register
-from surgeon.methods.lora import Lora, LoraLinear, LoraParams, _dtype_device, _LoraPatch
+from surgeon.methods.lora import Lora, LoraLinear, LoraParams, compute_dtype_device, LoraPatch
 
 
 class DoraParams(LoraParams):
@@ -143,9 +143,9 @@ class Dora(Lora):
     def apply(cls, model: nn.Module, target: Target, params: MethodParams, ctx: ApplyContext) -> Patch:
         assert isinstance(params, DoraParams)
         parent, attr, original = locate(model, target.path)
-        init = ctx.init and _dtype_device(original)[1].type != "meta"  # no weights to take norms of on meta
+        init = ctx.init and compute_dtype_device(original)[1].type != "meta"  # no weights to take norms of on meta
         wrapper = DoraLinear(original, target, params, init)
-        patch = _LoraPatch(parent, attr, original, wrapper, params, target.path)
+        patch = LoraPatch(parent, attr, original, wrapper, params, target.path)
         if patch.bias_name:
             original.bias.requires_grad_(True)
         return patch

@@ -23,7 +23,7 @@ from torch import nn
 from surgeon.errors import ExportError
 from surgeon.methods.base import (ApplyContext, Method, MethodParams, Patch, Target, WrapPatch, locate,
                                   register)
-from surgeon.methods.lora import _dtype_device
+from surgeon.methods.lora import compute_dtype_device
 
 FEEDFORWARD_ROLES = frozenset({"down"})  # the layer that reads the FFN's hidden activation
 
@@ -58,7 +58,7 @@ class Ia3Linear(nn.Module):
         self.train(base.training)  # a wrapper made while the model is in eval mode stays in eval mode
 
     def _ones(self, size: int) -> nn.Parameter:
-        dtype, device = _dtype_device(self.base)
+        dtype, device = compute_dtype_device(self.base)
         return nn.Parameter(torch.ones(size, dtype=dtype, device=device))
 
     def output_scale(self) -> torch.Tensor:

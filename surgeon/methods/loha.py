@@ -28,7 +28,7 @@ from torch import nn
 
 from surgeon.errors import ExportError
 from surgeon.methods.base import ApplyContext, Method, MethodParams, Patch, Target, WrapPatch, locate, register
-from surgeon.methods.lora import _dtype_device
+from surgeon.methods.lora import compute_dtype_device
 
 
 class LohaParams(MethodParams):
@@ -72,7 +72,7 @@ class FactoredDelta(nn.Module):
         self.sliced = bool(target.slices)
         self.scale = scale
         self.rank_dropout, self.module_dropout = params.rank_dropout, params.module_dropout
-        self.dtype, device = _dtype_device(base)  # a quantized base computes in its own dtype, and so do we
+        self.dtype, device = compute_dtype_device(base)  # a quantized base computes in its own dtype, and so do we
         for suffix, (start, stop) in self.parts.items():
             for name, shape in self.part_shapes(stop - start, self.in_features, params).items():
                 zeros = torch.zeros(shape, dtype=self.dtype, device=device)
@@ -131,7 +131,7 @@ class FactoredDelta(nn.Module):
         if not self.sliced:
             delta = self.part_delta("")
         else:
-            device = _dtype_device(self.base)[1]
+            device = compute_dtype_device(self.base)[1]
             delta = torch.zeros((self.out_features, self.in_features), dtype=self.dtype, device=device)
             for suffix, (start, stop) in self.parts.items():
                 delta[start:stop] = self.part_delta(suffix)
@@ -251,7 +251,7 @@ class Loha(Method):
     def apply(cls, model: nn.Module, target: Target, params: MethodParams, ctx: ApplyContext) -> Patch:
         assert isinstance(params, LohaParams)
         parent, attr, original = locate(model, target.path)
-        init = ctx.init and _dtype_device(original)[1].type != "meta"  # nothing to draw on meta
+        init = ctx.init and compute_dtype_device(original)[1].type != "meta"  # nothing to draw on meta
         return WrapPatch(parent, attr, original, LohaLinear(original, target, params, params.scale, init))
 
     @classmethod

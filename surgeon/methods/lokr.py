@@ -27,7 +27,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from surgeon.methods.base import ApplyContext, Method, MethodParams, Patch, Target, WrapPatch, locate, register
-from surgeon.methods.lora import _dtype_device
+from surgeon.methods.lora import compute_dtype_device
 from surgeon.methods.loha import (FactoredDelta, dropout_words, grouped_statements, part_spans, peft_names_only,
                                   whole_linear_or_refuse)
 
@@ -185,7 +185,7 @@ class Lokr(Method):
     def apply(cls, model: nn.Module, target: Target, params: MethodParams, ctx: ApplyContext) -> Patch:
         assert isinstance(params, LokrParams)
         parent, attr, original = locate(model, target.path)
-        init = ctx.init and _dtype_device(original)[1].type != "meta"  # nothing to draw on meta
+        init = ctx.init and compute_dtype_device(original)[1].type != "meta"  # nothing to draw on meta
         return WrapPatch(parent, attr, original, LokrLinear(original, target, params, init))
 
     @classmethod

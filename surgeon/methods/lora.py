@@ -34,14 +34,14 @@ class LoraParams(MethodParams):
         return alpha / math.sqrt(self.r) if self.rslora else alpha / self.r
 
 
-def _init_a(weight: torch.Tensor, params: LoraParams) -> None:
+def init_lora_a(weight: torch.Tensor, params: LoraParams) -> None:
     if params.init == "kaiming":
         nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
     else:
         nn.init.normal_(weight, std=1.0 / params.r)
 
 
-def _dtype_device(base: nn.Module) -> tuple[torch.dtype, torch.device]:
+def compute_dtype_device(base: nn.Module) -> tuple[torch.dtype, torch.device]:
     """LoRA weights live in the base's compute dtype (a quantized base says which) and device."""
     if hasattr(base, "compute_dtype"):
         return base.compute_dtype, base.device
@@ -55,10 +55,10 @@ class _LoraBase(nn.Module):
         self.scale = params.scale
         self.dropout = nn.Dropout(params.dropout) if params.dropout > 0 else nn.Identity()
         self.train(base.training)  # a wrapper made while the model is in eval mode stays in eval mode
-        self.dtype = _dtype_device(base)[0]
+        self.dtype = compute_dtype_device(base)[0]
 
     def _new(self, *shape: int) -> nn.Parameter:
-        dtype, device = _dtype_device(self.base)
+        dtype, device = compute_dtype_device(self.base)
         return nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
 
 
@@ -84,7 +84,7 @@ class LoraLinear(_LoraBase):
             self.register_parameter(f"lora_B_{name}", self._new(stop - start, params.r))
         if init:
             for a_name in [n for n, _ in self.named_parameters() if n.startswith("lora_A")]:
-                _init_a(self.get_parameter(a_name).data, params)
+                init_lora_a(self.get_parameter(a_name).data, params)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -98,7 +98,7 @@ class LoraLinear(_LoraBase):
         return out
 
     def delta_weights(self) -> dict[str, torch.Tensor]:
-        dtype, device = _dtype_device(self.base)
+        dtype, device = compute_dtype_device(self.base)
         delta = torch.zeros((self.out_features, self.in_features), dtype=dtype, device=device)
         if not self.slices:
             delta += (self.lora_B @ self.lora_A) * self.scale
@@ -133,7 +133,7 @@ class LoraConv2d(_LoraBase):
         self.lora_A = self._new(params.r, base.in_channels, kh, kw)
         self.lora_B = self._new(base.out_channels, params.r, 1, 1)
         if init:
-            _init_a(self.lora_A.data, params)
+            init_lora_a(self.lora_A.data, params)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base: nn.Conv2d = self.base  # type: ignore[assignment]
@@ -145,7 +145,7 @@ class LoraConv2d(_LoraBase):
         return {"weight": delta.view(self.base.weight.shape) * self.scale}
 
 
-class _LoraPatch(WrapPatch):
+class LoraPatch(WrapPatch):
     mergeable = True
 
     def __init__(self, parent: nn.Module, attr: str, original: nn.Module, wrapper: nn.Module,
@@ -215,9 +215,9 @@ class Lora(Method):
     def apply(cls, model: nn.Module, target: Target, params: MethodParams, ctx: ApplyContext) -> Patch:
         assert isinstance(params, LoraParams)
         parent, attr, original = locate(model, target.path)
-        init = ctx.init and _dtype_device(original)[1].type != "meta"  # nothing to draw on meta; slow there
+        init = ctx.init and compute_dtype_device(original)[1].type != "meta"  # nothing to draw on meta; slow there
         wrapper = _WRAPPERS[target.kind](original, target, params, init)
-        patch = _LoraPatch(parent, attr, original, wrapper, params, target.path)
+        patch = LoraPatch(parent, attr, original, wrapper, params, target.path)
         if patch.bias_name:
             original.bias.requires_grad_(True)
         return patch

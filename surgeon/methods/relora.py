@@ -31,7 +31,7 @@ from torch import nn
 
 from surgeon.errors import SurgeonError
 from surgeon.methods.base import ApplyContext, Method, MethodParams, Patch, Target, locate, register
-from surgeon.methods.lora import Lora, LoraLinear, LoraParams, _dtype_device, _init_a, _LoraPatch
+from surgeon.methods.lora import Lora, LoraLinear, LoraParams, compute_dtype_device, init_lora_a, LoraPatch
 
 
 class ReLoraParams(LoraParams):
@@ -65,7 +65,7 @@ def _prune_by_magnitude_(state: torch.Tensor, ratio: float) -> None:
     state.mul_((state.abs().float() > threshold).to(state.dtype))
 
 
-class ReLoraPatch(_LoraPatch):
+class ReLoraPatch(LoraPatch):
     """A LoRA patch that merges and restarts itself; `replaced` holds W0 from the first restart on."""
 
     def __init__(self, parent: nn.Module, attr: str, original: nn.Module, wrapper: LoraLinear,
@@ -95,7 +95,7 @@ class ReLoraPatch(_LoraPatch):
         self._fold(self.wrapper.delta_weights())
         for name, param in self.added_parameters().items():
             if name.startswith("lora_A"):
-                _init_a(param.data, self.params)
+                init_lora_a(param.data, self.params)
             else:
                 param.zero_()
         self._reset(optimizer)
@@ -183,7 +183,7 @@ class ReLora(Method):
     def apply(cls, model: nn.Module, target: Target, params: MethodParams, ctx: ApplyContext) -> Patch:
         assert isinstance(params, ReLoraParams)
         parent, attr, original = locate(model, target.path)
-        init = ctx.init and _dtype_device(original)[1].type != "meta"
+        init = ctx.init and compute_dtype_device(original)[1].type != "meta"
         wrapper = LoraLinear(original, target, params, init)
         patch = ReLoraPatch(parent, attr, original, wrapper, params, target.path)
         if patch.bias_name:
