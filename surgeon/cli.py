@@ -309,6 +309,32 @@ def merge(
 
 @app.command()
 @user_errors
+def fold(
+    run: Annotated[Path, typer.Argument(help="a run directory")],
+    out_dir: Annotated[Path, typer.Option("--out", help="run directory to write, with the folded tensors")],
+    force: Annotated[bool, typer.Option(help="replace a non-empty --out")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Replace training-time reparameterisations (prefix tuning's MLP) by the plain tensors they
+    produce and write the run again: smaller, the same outputs."""
+    manifest = read_manifest(run)
+    _fresh_out(out_dir, force)
+    with _status("reading the source model", as_json):
+        model = reload_source(manifest.source)
+    with _status("folding", as_json):
+        job = load(run, model)
+        job.fold()
+        with _staged(out_dir, force) as staging:
+            job.save(staging)
+    folded = sum(r.folded for r in job.manifest.patches)
+    if as_json:
+        print(json.dumps({"ok": True, "run": str(out_dir), "folded": folded}))
+        return
+    out.print(f"folded {folded} patches; wrote {out_dir}")
+
+
+@app.command()
+@user_errors
 def export(
     run: Annotated[Path, typer.Argument(help="a run directory")],
     out_dir: Annotated[Path, typer.Option("--out", help="directory for the exported adapter")],

@@ -18,7 +18,7 @@ from surgeon.errors import ManifestError, PlanError, SurgeonError
 from surgeon.graph import build_module_graph
 from surgeon.language import parse_spec, read_spec_text
 from surgeon.manifest import (ADAPTER_FILE, ORIGINALS_DIR, STATE_PREFIX, TRAINED_BASE_PREFIX, Manifest, OriginalsRef,
-                              SourceRef, read_manifest, sha256_file)
+                              SourceRef, read_manifest, sha256_file, tensor_record)
 from surgeon.methods.base import ApplyContext
 from surgeon.models import (checkpoint_matches, load_model, load_model_skeleton, resolve_device,
                             stream_checkpoint)
@@ -153,6 +153,20 @@ class Job:
         surgery.manifest = self.manifest.model_copy(update={"patches": merged})
         return self.model
 
+    def fold(self) -> nn.Module:
+        """Replace training-time reparameterisations by the plain tensors they produce (prefix
+        tuning's MLP by the prefix), outputs unchanged; `save()` then stores the folded tensors."""
+        surgery = self._live()
+        records = list(self.manifest.patches)
+        for index, (_, patch) in enumerate(surgery.patches):
+            if patch.fold():
+                added = {name: tensor_record(p, hashed=False) for name, p in patch.added_parameters().items()}
+                records[index] = records[index].model_copy(update={"folded": True, "added": added})
+        if not any(r.folded for r in records):
+            raise PlanError("nothing to fold: no method of this run has a reparameterisation")
+        surgery.manifest = self.manifest.model_copy(update={"patches": records})
+        return self.model
+
     def revert(self) -> nn.Module:
         """Give the original model back, bit-exact, verified against the manifest's fingerprint."""
         model = revert_surgery(self._live())
@@ -257,6 +271,9 @@ def load(run_dir: str | Path, model: nn.Module) -> Job:
     surgery = apply_plan(plan(spec, build_module_graph(model)), model, source=manifest.source, ctx=ctx,
                          originals_ref=ref)
     job = Job(surgery)
+    for record, (_, patch) in zip(manifest.patches, surgery.patches):
+        if record.folded:  # the run holds the folded tensors: fold before filling them in
+            patch.fold()
     try:
         _fill(job, tensors)
     except Exception:

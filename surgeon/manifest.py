@@ -58,6 +58,7 @@ class PatchRecord(BaseModel):
     replacement_class: str | None = None
     added: dict[str, TensorRecord]
     trained_base: list[str] = Field(default_factory=list)
+    folded: bool = False  # job.fold() replaced its reparameterisation by the tensors it produced
     merged: bool = False
 
 

@@ -280,11 +280,28 @@ class _Planner:
         return tuple(rewrites[i] for i in nx.lexicographical_topological_sort(dag))
 
 
+    def check_claims(self, rewrites: list[Rewrite]) -> None:
+        """Two statements may not both take over one model-wide thing (two prompt methods)."""
+        claimed: dict[str, Rewrite] = {}
+        for rewrite in rewrites:
+            for claim in sorted(method_of(rewrite).claims):
+                first = claimed.setdefault(claim, rewrite)
+                if first.statement != rewrite.statement:
+                    raise self.error(
+                        f"'{rewrite.verb} {rewrite.method}' and '{first.verb} {first.method}' (line "
+                        f"{first.location.line}) both change the model's {_CLAIMS.get(claim, claim)}; they cannot compose",
+                        rewrite.location, "keep one of them (or apply them in two separate jobs, one after the other)")
+
+
+_CLAIMS = {"inputs": "inputs (what it sees before the first layer)", "attention": "attention function"}
+
+
 def plan(spec: Spec, graph: ModuleGraph) -> Plan:
     """Stage entry: check `spec` against the model graph and return the ordered rewrites."""
     planner = _Planner(spec, graph)
     rewrites: list[Rewrite] = []
     for index, statement in enumerate(spec.statements):
         rewrites += planner.statement_rewrites(index, statement)
+    planner.check_claims(rewrites)
     return Plan(spec=spec, rewrites=planner.order(rewrites), base_parameters=graph.total_parameters(),
                 base_bytes=graph.total_bytes())

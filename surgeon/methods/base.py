@@ -113,6 +113,12 @@ class Patch(ABC):
         """Called by `job.step(global_step, optimizer)` after each optimizer step, for methods whose
         structure changes during training (AdaLoRA's rank budget, ReLoRA's restarts)."""
 
+    def fold(self) -> bool:
+        """Replace a training-time reparameterisation by the plain tensors it produces, keeping the
+        outputs equal (prefix tuning's MLP -> the prefix). True when something was folded; after it,
+        `added_parameters()` are the folded tensors. `job.fold()` calls it; a saved run records it."""
+        return False
+
     def saved_state(self) -> dict[str, torch.Tensor]:
         """Tensors beyond the added and trained parameters that a saved run needs to rebuild this
         patch as it is now (ReLoRA's base weight after restarts). Saved by `job.save`, handed back
@@ -141,6 +147,9 @@ class Method(ABC):
     takes_slices: ClassVar[bool] = False  # can it act on a q/k/v slice of a fused projection?
     stacks_on: ClassVar[frozenset[str]] = frozenset()  # methods that may precede it on one module
     refuses_stack: ClassVar[dict[str, str]] = {}  # method -> why this one cannot share a module with it
+    # model-wide things this method takes over ("inputs": what the model sees before the first layer;
+    # "attention": the attention function). Two statements that claim the same thing are rejected.
+    claims: ClassVar[frozenset[str]] = frozenset()
     mergeable: ClassVar[bool] = False
     streams: ClassVar[bool] = False  # may be applied tensor by tensor while a checkpoint loads
     summary: ClassVar[str] = ""
