@@ -40,6 +40,8 @@ def export_peft(patches: list[tuple[Rewrite, Any]], out_dir: Path, base_model: s
     adapters = [(r, p) for r, p in patches if method_of(r).verb != "quantize"]
     if not adapters:
         raise ExportError("the run adds no adapter: there is nothing to export to PEFT")
+    if any(method_of(r).peft_scope == "model" for r, _ in adapters):
+        return _export_prompt_learning(adapters, out_dir, base_model, model)
     config = _merged_config(adapters)
     tensors: dict[str, torch.Tensor] = {}
     targets = {r.target.path for r, _ in adapters}
@@ -63,6 +65,41 @@ def export_peft(patches: list[tuple[Rewrite, Any]], out_dir: Path, base_model: s
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(out_dir / WEIGHTS_FILE))
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return config
+
+
+def _export_prompt_learning(adapters: list[tuple[Rewrite, Any]], out_dir: Path, base_model: str | None,
+                            model: nn.Module | None) -> dict[str, Any]:
+    """PEFT's prompt learning: one statement, its tensors at the top level, a task type."""
+    statements = {r.statement for r, _ in adapters}
+    if len(statements) > 1:
+        names = sorted({f"{r.verb} {r.method}" for r, _ in adapters})
+        raise ExportError(f"a PEFT prompt-learning adapter holds one method; this run has {', '.join(names)}")
+    first = adapters[0][0]
+    method, params = method_of(first), params_of(first)
+    if method.peft_type is None:
+        raise ExportError(f"{method.verb} {method.name} has no PEFT equivalent")
+    added = {f"{r.target.path}.{n}": t.detach() for r, p in adapters for n, t in p.added_parameters().items()}
+    targets = [r.target for r, _ in adapters]
+    tensors = method.to_peft_tensors(first.target, params, added)
+    config = {"peft_type": method.peft_type} | method.peft_config(params) | method.peft_target_config(params, targets)
+    config |= {"task_type": config.get("task_type") or _task_type(model), "base_model_name_or_path": base_model,
+               "inference_mode": True}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(out_dir / WEIGHTS_FILE))
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return config
+
+
+def _task_type(model: nn.Module | None) -> str | None:
+    """Which PeftModel class wraps the model: that decides how the prompt reaches it."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if getattr(config, "is_encoder_decoder", False):
+        return "SEQ_2_SEQ_LM"
+    if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+        return "CAUSAL_LM"
+    return "FEATURE_EXTRACTION"
 
 
 def _short_names(paths: list[str], module_names: list[str]) -> list[str]:
@@ -123,6 +160,9 @@ def read_peft_dir(peft_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
 
 def spec_from_peft(config: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
     """The spec that says what the adapter says, and the adapter's tensors by module path (PEFT names)."""
+    candidates = [m for m in registry().values() if m.peft_type == config["peft_type"]]
+    if candidates and all(m.peft_scope == "model" for m in candidates):
+        return candidates[0].statement_from_peft(config, []), {"": tensors}
     by_module = _tensors_by_module(tensors, {name for name, _ in model.named_modules() if name})
     targets = sorted(path for path, found in by_module.items() if any(not n.startswith("base_layer.") for n in found))
     if not targets:
@@ -189,6 +229,9 @@ def _tensors_by_module(tensors: dict[str, torch.Tensor], modules: set[str]) -> d
 
 def fill_from_peft(patches: list[tuple[Rewrite, Any]], by_module: dict[str, dict[str, torch.Tensor]]) -> None:
     """Copy the adapter's tensors into a freshly applied surgery's added (and trained base) parameters."""
+    if "" in by_module:  # prompt learning: top-level tensors for the statement's patches
+        _fill_prompt_learning(patches, by_module[""])
+        return
     with torch.no_grad():
         for rewrite, patch in patches:
             found = by_module.get(rewrite.target.path, {})
@@ -205,3 +248,15 @@ def fill_from_peft(patches: list[tuple[Rewrite, Any]], by_module: dict[str, dict
                 leaf = name.rpartition(".")[2]
                 if f"base_layer.{leaf}" in found:
                     param.copy_(found[f"base_layer.{leaf}"])
+
+
+def _fill_prompt_learning(patches: list[tuple[Rewrite, Any]], tensors: dict[str, torch.Tensor]) -> None:
+    first = patches[0][0]
+    local = method_of(first).from_peft_tensors(first.target, params_of(first), tensors)
+    added = {f"{r.target.path}.{n}": t for r, p in patches for n, t in p.added_parameters().items()}
+    with torch.no_grad():
+        for name, tensor in local.items():
+            if name not in added or added[name].shape != tensor.shape:
+                shape = tuple(added[name].shape) if name in added else None
+                raise ExportError(f"the PEFT tensor for {name} is {tuple(tensor.shape)}, surgeon expects {shape}")
+            added[name].copy_(tensor)

@@ -159,6 +159,11 @@ class Method(ABC):
     # PEFT interchange (surgeon/peft_format.py): PEFT's `peft_type` for this method, None when PEFT
     # has no equivalent; the hooks below translate parameters and tensors both ways.
     peft_type: ClassVar[str | None] = None
+    # "module": PEFT keys its tensors per adapted module (LoRA's `...q_proj.lora_A.weight`);
+    # "model": PEFT's prompt learning keeps one top-level tensor (`prompt_embeddings`). For "model"
+    # methods the tensor hooks see every patch of the statement at once, keyed "module.path.local",
+    # and name PEFT's tensors without a module path.
+    peft_scope: ClassVar[str] = "module"
 
     @classmethod
     def read_words(cls, words: tuple[Word, ...]) -> WordArgs:
