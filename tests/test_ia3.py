@@ -5,6 +5,7 @@ interchange and errors."""
 import pytest
 import torch
 from conftest import BUILDERS, assert_same_model, batch, clone, run, tiny_llama
+from peft_twin import bnb_dequantized, with_random_biases
 from torch import nn
 
 import surgeon
@@ -26,15 +27,7 @@ CASES = [  # arch, surgeon spec, PEFT target_modules, PEFT feedforward_modules, 
 
 
 def _build(arch: str) -> nn.Module:
-    """The tiny model with non-zero biases (GPT-2 and BERT start with zero ones, which would hide
-    how the method treats a bias)."""
-    model = BUILDERS[arch]()
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
-    return model
+    return with_random_biases(BUILDERS[arch]())
 
 
 def _randomize(job: surgeon.Job, seed: int = 3) -> None:
@@ -183,25 +176,12 @@ def test_merged_weights_by_hand():
     assert torch.equal(merged_down.bias, was_down.bias)
 
 
-def _bnb_dequantized(model: nn.Module) -> nn.Module:
-    """A copy whose linear layers (not the head) hold bitsandbytes' NF4 round trip of their weights."""
-    bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is a test dependency")
-    reference = clone(model)
-    with torch.no_grad():
-        for name, layer in reference.named_modules():
-            if isinstance(layer, nn.Linear) and not name.endswith("lm_head"):
-                q, state = bnb_functional.quantize_4bit(layer.weight.data, blocksize=64, quant_type="nf4",
-                                                        compress_statistics=True)
-                layer.weight.copy_(bnb_functional.dequantize_4bit(q, state))
-    return reference
-
-
 QUANTIZE = "quantize base nf4 double compute=fp32\n"
 
 
 def test_on_a_quantized_base_matches_peft_on_the_dequantized_weights():
     model = tiny_llama()
-    reference = _bnb_dequantized(model)
+    reference = bnb_dequantized(model)
     quantized_only = clone(model)
     surgeon.apply(QUANTIZE.strip(), quantized_only)
     job = surgeon.apply(QUANTIZE + KVF, model, seed=0)

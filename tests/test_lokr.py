@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from conftest import BUILDERS, assert_same_model, batch, clone, run, tiny_gpt2, tiny_llama
+from peft_twin import peft_state as state_of, peft_twin as make_twin, randomize, rewrites_of, with_grad
 from safetensors.torch import load_file
 from torch import nn
 
@@ -21,47 +22,16 @@ QV = "*.attn.<q,v>"
 PEFT_QV = {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"]}
 
 
-def randomize(job: surgeon.Job, seed: int = 3, std: float = 0.2) -> None:
-    """Non-zero adapter weights (W1 starts at zero, so the delta would be zero)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in job.trainable_parameters().values():
-            param.copy_(torch.randn(param.shape, generator=generator) * std)
+def peft_twin(job: surgeon.Job, model: nn.Module, modules: list[str]) -> nn.Module:
+    return make_twin(job, model, "lokr", peft.LoKrConfig, modules, "lokr_")
 
 
 def lokr_rewrites(job: surgeon.Job) -> list:
-    return [r for r in job.plan.rewrites if r.method == "lokr"]  # not the quantize ones
+    return rewrites_of(job, "lokr")
 
 
 def peft_state(job: surgeon.Job) -> dict[str, torch.Tensor]:
-    """The job's adapters under PEFT's full state-dict names, through the method's own hook."""
-    added = job.added_tensors()
-    state = {}
-    for rewrite in lokr_rewrites(job):
-        path = rewrite.target.path
-        local = {n.removeprefix(path + "."): p.detach() for n, p in added.items() if n.startswith(path + ".")}
-        for name, tensor in Lokr.to_peft_tensors(rewrite.target, params_of(rewrite), local).items():
-            state[f"base_model.model.{path}.{name}"] = tensor
-    return state
-
-
-def peft_twin(job: surgeon.Job, model: nn.Module, modules: list[str]) -> nn.Module:
-    """PEFT's LoKr built from `peft_config` on `model`, holding the job's adapter weights."""
-    config = peft.LoKrConfig(**Lokr.peft_config(params_of(lokr_rewrites(job)[0])), target_modules=modules)
-    peft_model = peft.get_peft_model(model, config)
-    state = peft_state(job)
-    result = peft.set_peft_model_state_dict(peft_model, state)
-    assert not result.unexpected_keys
-    loaded = {n.replace(".default", ""): p for n, p in peft_model.named_parameters() if "lokr_" in n}
-    assert set(loaded) == set(state)  # PEFT chose the same factors (full or low-rank) ...
-    for name, tensor in state.items():  # ... of the same shapes, and holds the very values
-        assert torch.equal(loaded[name], tensor), name
-    return peft_model.eval()
-
-
-def with_grad(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=ids)
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+    return state_of(job, "lokr")
 
 
 def test_factor_shapes_are_peft_factorization():
