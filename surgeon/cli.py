@@ -110,6 +110,8 @@ def _plan_json(the_plan: Plan) -> dict[str, Any]:
             "params": r.params,
             "added": {k: list(v) for k, v in r.added.items()},
             "added_count": r.added_count,
+            "trained": {k: list(v) for k, v in r.trained.items()},
+            "trained_count": r.trained_count,
             "bytes_before": r.bytes_before,
             "bytes_after": r.bytes_after,
         }
@@ -121,6 +123,7 @@ def _plan_json(the_plan: Plan) -> dict[str, Any]:
     return {
         "ok": True,
         "rewrites": rewrites,
+        "per_method": _per_method(the_plan),
         "totals": {
             "rewrites": len(rewrites),
             "trainable_parameters": the_plan.trainable_parameters,
@@ -134,6 +137,15 @@ def _plan_json(the_plan: Plan) -> dict[str, Any]:
     }
 
 
+def _per_method(the_plan: Plan) -> dict[str, int]:
+    """Trainable parameters each method brings (added plus the base's own it trains)."""
+    counts: dict[str, int] = {}
+    for r in the_plan.rewrites:
+        key = f"{r.verb} {r.method}"
+        counts[key] = counts.get(key, 0) + r.added_count + r.trained_count
+    return counts
+
+
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -142,18 +154,28 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def _trainable_cell(r: dict[str, Any]) -> str:
+    """`1,024 new (lora_A 4x64, ...)` and/or `192 own (bias 192)`; `-` when the rewrite trains nothing."""
+    parts = []
+    for count, shapes, label in ((r["added_count"], r["added"], "new"), (r["trained_count"], r["trained"], "own")):
+        if shapes:
+            listed = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in shapes.items())
+            parts.append(f"{count:,} {label} ({listed})")
+    return "; ".join(parts) or "-"
+
+
 def _print_plan(summary: dict[str, Any]) -> None:
     table = Table(title="plan", title_justify="left")
-    for column in ("target", "role", "method", "shape", "added"):
-        table.add_column(column, no_wrap=column != "added")
+    for column in ("target", "role", "method", "shape", "trainable"):
+        table.add_column(column, no_wrap=column != "trainable")
     for r in summary["rewrites"]:
         shape = "x".join(map(str, r["weight_shape"] or ()))
         if r["slices"]:
             shape += f" [{','.join(r['slices'])}]"
-        added = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in r["added"].items())
         role = ",".join(r["slices"]) if r["slices"] else r["role"] or ""
-        table.add_row(r["target"], role, r["method"], escape(shape), f"{r['added_count']:,} ({added})")
+        table.add_row(r["target"], role, r["method"], escape(shape), _trainable_cell(r))
     out.print(table)
+    out.print("per method: " + "; ".join(f"{method} {count:,}" for method, count in summary["per_method"].items()))
     totals = summary["totals"]
     out.print(
         f"{totals['rewrites']} rewrites; trainable parameters {totals['trainable_parameters']:,} "

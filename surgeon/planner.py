@@ -149,7 +149,9 @@ class _Planner:
         close = difflib.get_close_matches(".".join(tail), sorted(keys), n=3, cutoff=0.5)
         return "nearest module names: " + ", ".join(close) if close else None
 
-    def targets(self, method: type[Method], statement: Statement, args: WordArgs) -> dict[str, set[str | None]]:
+    def targets(self, method: type[Method], statement: Statement,
+                args: WordArgs) -> tuple[dict[str, set[str | None]], bool]:
+        """The matched module paths (with the slices matched), and whether the match is lenient."""
         allowed = method.prepositions | {"except"}
         for clause in statement.clauses:
             if clause.preposition not in allowed:
@@ -189,7 +191,7 @@ class _Planner:
         if not chosen:
             raise self.error("nothing is left to patch after 'except'", statement.location,
                              "the except patterns remove every module the statement matched")
-        return chosen
+        return chosen, lenient
 
     def target(self, info: ModuleInfo, slices: set[str | None], method: type[Method]) -> Target:
         weight = info.params.get("weight")
@@ -216,12 +218,15 @@ class _Planner:
         args = self.read_words(method, words, statement)
         params = self.validate(method, statement, args.params)
         rewrites = []
-        for path, slices in self.targets(method, statement, args).items():
+        chosen, lenient = self.targets(method, statement, args)
+        for path, slices in chosen.items():
             info = self.graph.modules[path]
             try:
                 target = self.target(info, slices, method)
             except PlanError as problem:
                 raise self.error(str(problem), statement.location) from None
+            if lenient and not method.keeps(target, params):
+                continue
             reason = method.check(target, params)
             if reason:
                 raise self.error(reason, statement.location, "narrow the pattern or add 'except PATTERN'")
@@ -233,6 +238,9 @@ class _Planner:
                 trained=method.trained_shapes(target, params),
                 location=statement.location, label=statement.name, bytes_before=before, bytes_after=after,
             ))
+        if not rewrites:
+            raise self.error(f"none of the {len(chosen)} modules the statement matched is one {method.name} acts on "
+                             "with these parameters", statement.location, "widen the pattern or change the parameters")
         return rewrites
 
     def check_aliasing(self, info: ModuleInfo, params: MethodParams, statement: Statement) -> None:

@@ -225,4 +225,7 @@ def test_check_counts_the_biases_it_makes_trainable(tmp_path):
     result = CliRunner().invoke(app, ["check", str(spec), str(tmp_path / "bert"), "--json"])
     assert result.exit_code == 0, result.output
     hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
-    assert json.loads(result.output)["totals"]["trainable_parameters"] == 2 * hidden * layers
+    summary = json.loads(result.output)
+    assert summary["totals"]["trainable_parameters"] == 2 * hidden * layers
+    assert summary["per_method"] == {"train bias": 2 * hidden * layers}
+    assert {r["target"].rsplit(".", 1)[-1] for r in summary["rewrites"]} == {"query", "value"}  # only the chosen

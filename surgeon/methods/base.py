@@ -192,6 +192,12 @@ class Method(ABC):
         """Local parameter name -> shape of what `apply` will add."""
 
     @classmethod
+    def keeps(cls, target: Target, params: MethodParams) -> bool:
+        """For a lenient pattern (`quantize base`, `train bias`): whether a matched module of an
+        accepted kind is one this statement means (BitFit's only=<q,v> keeps q and v)."""
+        return True
+
+    @classmethod
     def trained_shapes(cls, target: Target, params: MethodParams) -> dict[str, tuple[int, ...]]:
         """Local name -> shape of the target's own parameters `apply` will make trainable (BitFit's
         biases, LoRA's bias=lora_only), for the plan's trainable count."""

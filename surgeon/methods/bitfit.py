@@ -160,6 +160,13 @@ class BitFit(Method):
         return {"bias": (target.out_features or 0,)} if _adds(target, params) else {}
 
     @classmethod
+    def keeps(cls, target: Target, params: MethodParams) -> bool:
+        """The modules `only` names (all by default), but never the output head: its bias, if any,
+        is part of the head, and GPT-2's tied head has none."""
+        assert isinstance(params, BitFitParams)
+        return _chosen(target, params) and target.role != "head"
+
+    @classmethod
     def trained_shapes(cls, target: Target, params: MethodParams) -> dict[str, tuple[int, ...]]:
         assert isinstance(params, BitFitParams)
         if not (target.has_bias and _chosen(target, params)):
