@@ -211,7 +211,24 @@ class _Planner:
             dtype=weight.dtype if weight else None,
             has_bias="bias" in info.params,
             merged=any(p.merged for p in info.params.values()),
+            kv_dim=self.kv_width(info),
         )
+
+    def kv_width(self, info: ModuleInfo) -> int | None:
+        """For an attention module (role `...attn`): the width of its k projection, or of the k
+        slice of its fused q/k/v projection."""
+        roles = [r for r in info.role_paths if r.endswith("attn")]
+        if not roles:
+            return None
+        for child in self.graph.modules.values():
+            if not child.path.startswith(info.path + "."):
+                continue
+            if any(r in (f"{role}.k" for role in roles) for r in child.role_paths):
+                return child.out_features
+            if "k" in child.slices and any(r in (f"{role}.qkv" for role in roles) for r in child.role_paths):
+                start, stop = child.slices["k"]
+                return stop - start
+        return None
 
     def statement_rewrites(self, index: int, statement: Statement) -> list[Rewrite]:
         method, words = self.resolve(statement)

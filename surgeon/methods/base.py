@@ -63,6 +63,7 @@ class Target(BaseModel):
     dtype: str | None = None
     has_bias: bool = False
     merged: bool = False  # its weight already holds a merged delta
+    kv_dim: int | None = None  # an attention module's key (= value) width: its k projection's outputs
 
 
 @dataclass

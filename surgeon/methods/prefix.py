@@ -1,0 +1,478 @@
+"""Prefix tuning (Li & Liang 2021) and P-tuning v2 (Liu et al. 2022), patched in place.
+
+Each targeted attention layer attends to P extra key/value vectors before the real tokens. Without
+`projection` they are plain trainable tensors, one (P, 2*kv_dim) block per layer (P-tuning v2, PEFT's
+PrefixTuningConfig with prefix_projection=False); with `projection=h` they come from PEFT's
+PrefixEncoder MLP, embedding (P, kv_dim) -> Linear(kv_dim, h) -> Tanh -> Linear(h, 2L*kv_dim), whose
+last Linear is split by rows into the L per-layer blocks (so each layer owns its rows and the count
+is exactly PEFT's). `fold()` replaces the MLP by the prefix it produces.
+
+The seam (no wrapper model, no cache seeding): an attention function registered with transformers'
+AttentionInterface under `surgeon_prefix_<inner>` that concatenates the layer's prefix in front of
+the keys and values and left-pads the mask (and T5's position bias) with "attend"; every config of
+the model gets `_attn_implementation` set to it and restored exactly on revert. Positions shift by P
+(a pre-hook on the rotary / absolute position module), as in PEFT, where the prefix sits in the
+cache. Because the prefix is never in the cache, `generate` works with any cache, and gradient
+checkpointing works (PEFT refuses it).
+
+Layout (PEFT's): a layer's block holds K in columns [0, kv_dim) and V in [kv_dim, 2*kv_dim), each
+viewed (P, n_kv_heads, head_dim). PEFT's prompt_embeddings (P, L*2*kv_dim) is the layer blocks side
+by side, in layer order.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from surgeon.errors import ExportError, PlanError, SurgeonError
+from surgeon.methods.base import ApplyContext, Method, MethodParams, Patch, Target, register
+
+_NAME = "surgeon_prefix_"
+_INNERS = ("sdpa", "eager")
+
+
+class PrefixParams(MethodParams):
+    tokens: int = Field(..., ge=1, le=4096, description="number of virtual tokens P per layer")
+    projection: int | None = Field(None, ge=1, description="hidden size of PEFT's MLP reparameterisation "
+                                   "(prefix tuning); omitted: plain per-layer prefixes (P-tuning v2)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes of a target, read from the module at apply time and from the planner's Target at plan time
+
+
+def _inner_attention(module: nn.Module) -> nn.Module:
+    """The module that calls the attention interface: the target itself (Llama, GPT-2) or its
+    attention child (BERT's `attention.self`, T5's `SelfAttention` / `EncDecAttention`)."""
+    for sub in module.modules():
+        if hasattr(sub, "is_causal") and hasattr(sub, "config"):
+            return sub
+    raise PlanError(f"{type(module).__name__} has no attention module that calls transformers' attention interface")
+
+
+def _kv_shape(inner: nn.Module) -> tuple[int, int]:
+    """(n_kv_heads, head_dim) of the keys the attention function receives."""
+    head_dim = next((getattr(inner, a) for a in ("head_dim", "attention_head_size", "key_value_proj_dim")
+                     if isinstance(getattr(inner, a, None), int)), None)
+    kv_dim = None
+    for name in ("k_proj", "key", "k"):
+        child = getattr(inner, name, None)
+        if isinstance(child, nn.Linear):
+            kv_dim = child.out_features
+    if kv_dim is None and hasattr(inner, "split_size"):  # GPT-2's fused c_attn: q, k, v of split_size each
+        kv_dim = inner.split_size
+    if head_dim is None or kv_dim is None or kv_dim % head_dim:
+        raise PlanError(f"cannot read the key/value shape of {type(inner).__name__}")
+    return kv_dim // head_dim, head_dim
+
+
+def _target_kv_dim(target: Target) -> int | None:
+    """kv_dim as the planner saw it; needs the planner to record it for attention modules (see
+    the report: Target.kv_dim). None when it does not."""
+    value = getattr(target, "kv_dim", None)
+    return int(value) if value else None
+
+
+_INDEX = re.compile(r"\.(\d+)(?=\.|$)")
+
+
+def _layer_index(path: str) -> int:
+    found = _INDEX.search(path)
+    return int(found.group(1)) if found else 0
+
+
+def _stack_key(path: str) -> str:
+    """The path with its layer index wildcarded: the layers that share one prefix MLP (T5's encoder
+    self-attention, decoder self-attention and cross-attention are three stacks)."""
+    return _INDEX.sub(".*", path, count=1)
+
+
+def _shapes(kv_dim: int, leader: bool, params: PrefixParams) -> dict[str, tuple[int, ...]]:
+    p, h = params.tokens, params.projection
+    if h is None:
+        return {"prefix": (p, 2 * kv_dim)}
+    shapes: dict[str, tuple[int, ...]] = {}
+    if leader:  # the embedding and the first Linear are shared by the stack; layer 0 holds them
+        shapes.update({"prefix_embedding": (p, kv_dim), "prefix_in_weight": (h, kv_dim), "prefix_in_bias": (h,)})
+    shapes.update({"prefix_out_weight": (2 * kv_dim, h), "prefix_out_bias": (2 * kv_dim,)})
+    return shapes
+
+
+# ---------------------------------------------------------------------------------------------
+# Live state: one _Layer per patched attention module, one _Group per stack with an MLP, one
+# _ModelState per model (the config switch and the position hooks)
+
+
+@dataclass(eq=False)
+class _Group:
+    """The MLP of one stack: the leader (layer 0) owns the embedding and the first Linear."""
+
+    leader: nn.Module
+    members: list[_Layer] = field(default_factory=list)
+    folded: bool = False
+
+    def hidden(self) -> torch.Tensor:
+        m = self.leader
+        return torch.tanh(F.linear(m.prefix_embedding, m.prefix_in_weight, m.prefix_in_bias))
+
+    def fold(self) -> None:
+        with torch.no_grad():
+            hidden = self.hidden()
+            blocks = [F.linear(hidden, layer.module.prefix_out_weight, layer.module.prefix_out_bias)
+                      for layer in self.members]
+        for layer, block in zip(self.members, blocks):
+            for name in ("prefix_out_weight", "prefix_out_bias"):
+                del layer.module._parameters[name]
+            layer.names = ["prefix"]
+            layer.module.register_parameter("prefix", nn.Parameter(block.contiguous()))
+        for name in ("prefix_embedding", "prefix_in_weight", "prefix_in_bias"):
+            del self.leader._parameters[name]
+        self.folded = True
+
+
+@dataclass(eq=False)
+class _Layer:
+    module: nn.Module  # the target, which holds the parameters
+    n_kv: int
+    head_dim: int
+    tokens: int
+    names: list[str]
+    group: _Group | None = None
+
+    def block(self) -> torch.Tensor:
+        """(P, 2*kv_dim): this layer's K and V columns."""
+        if self.group is None or self.group.folded:
+            return self.module.prefix
+        return F.linear(self.group.hidden(), self.module.prefix_out_weight, self.module.prefix_out_bias)
+
+    def key_value(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V as (batch, n_kv, P, head_dim), in the keys' dtype."""
+        block = self.block().to(like.dtype)
+        k, v = block.view(self.tokens, 2, self.n_kv, self.head_dim).permute(1, 2, 0, 3)
+        shape = (like.shape[0], self.n_kv, self.tokens, self.head_dim)
+        return k.unsqueeze(0).expand(shape), v.unsqueeze(0).expand(shape)
+
+
+# The live state hangs off the objects it belongs to (not global dicts keyed by id(), which a new
+# model can reuse once an unreverted one is collected); revert deletes these attributes.
+_LAYER_ATTR = "_surgeon_prefix"  # on the inner attention module: its _Layer
+_STATE_ATTR = "_surgeon_prefix_state"  # on the top-level model: its _ModelState
+
+
+def _configs(model: nn.Module) -> list[Any]:
+    """Every distinct config object of the model (T5's stacks carry their own copies)."""
+    found: dict[int, Any] = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation_internal"):
+            found.setdefault(id(config), config)
+    return list(found.values())
+
+
+_POSITION_EMBEDDINGS = {"wpe", "position_embeddings", "embed_positions"}
+
+
+class _ModelState:
+    """What the prefix takes over model-wide: the attention function and the position shift."""
+
+    def __init__(self, model: nn.Module, tokens: int) -> None:
+        self.tokens, self.count = tokens, 0
+        self.groups: dict[tuple[str, str], _Group] = {}  # (stack, params) -> the MLP group being built
+        self.saved: list[tuple[Any, Any]] = []
+        for config in _configs(model):
+            inner = config._attn_implementation or "eager"
+            if inner not in _INNERS:
+                raise SurgeonError(f"prefix tuning runs on the 'sdpa' or 'eager' attention, not '{inner}'; "
+                                   "load the model with attn_implementation='sdpa'")
+            self.saved.append((config, config.__dict__["_attn_implementation_internal"]))
+        self.handles = []
+        for path, module in model.named_modules():
+            if type(module).__name__.endswith("RotaryEmbedding"):
+                self.handles.append(module.register_forward_pre_hook(self._shift_rotary, with_kwargs=True))
+            elif isinstance(module, nn.Embedding) and path.rpartition(".")[2] in _POSITION_EMBEDDINGS:
+                self.handles.append(module.register_forward_pre_hook(self._shift_absolute))
+        for config, _ in self.saved:
+            config._attn_implementation = _NAME + (config._attn_implementation or "eager")
+
+    def _shift_rotary(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        # real tokens sit at positions P.. after the prefix, as in PEFT (its prefix is in the cache)
+        if "position_ids" in kwargs:
+            kwargs = {**kwargs, "position_ids": kwargs["position_ids"] + self.tokens}
+        else:
+            args = (args[0], args[1] + self.tokens, *args[2:])
+        return args, kwargs
+
+    def _shift_absolute(self, module: nn.Embedding, args: tuple) -> tuple:
+        ids = args[0] + self.tokens
+        if ids.numel() and int(ids.max()) >= module.num_embeddings:
+            longest = int(args[0].max()) + 1
+            raise SurgeonError(
+                f"the input needs {longest} positions plus the prefix's {self.tokens} virtual tokens, but the model "
+                f"has {module.num_embeddings} positions (max_position_embeddings): inputs may be at most "
+                f"{module.num_embeddings - self.tokens} tokens long with this prefix")
+        return (ids, *args[1:])
+
+    def release(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        for config, value in self.saved:
+            config.__dict__["_attn_implementation_internal"] = value  # the very object, not via the setter
+
+
+def _eager_of(module: nn.Module) -> Callable[..., Any]:
+    """The model's own eager attention (it is not in the registry: `get_interface` falls back to it)."""
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def _pad(mask: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Left-pad the key axis with "attend" (True for boolean masks, 0 for additive ones)."""
+    pad = torch.zeros((*mask.shape[:-1], tokens), dtype=mask.dtype, device=mask.device)
+    return torch.cat([pad.logical_not() if mask.dtype == torch.bool else pad, mask], dim=-1)
+
+
+def _causal(query: torch.Tensor, kv_len: int, additive: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Bottom-right aligned causal mask (SDPA's is_causal is top-left aligned when kv > q)."""
+    q_len = query.shape[2]
+    rows = torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len)
+    allowed = torch.arange(kv_len, device=query.device)[None, :] <= rows
+    if not additive:
+        return allowed[None, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=query.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def _attention(inner_name: str) -> Callable[..., Any]:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def attend(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, *args: Any, **kwargs: Any) -> Any:
+        inner = _eager_of(module) if inner_name == "eager" else ALL_ATTENTION_FUNCTIONS[inner_name]
+        layer = module.__dict__.get(_LAYER_ATTR)
+        if layer is None:  # a layer the statement does not target
+            return inner(module, query, key, value, attention_mask, *args, **kwargs)
+        pk, pv = layer.key_value(key)
+        kv_len = key.shape[2]
+        key, value = torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)
+        causal = kwargs.get("is_causal")
+        causal = getattr(module, "is_causal", False) if causal is None else causal
+        if attention_mask is None and causal and query.shape[2] > 1:
+            attention_mask = _causal(query, kv_len, inner_name == "eager", query.dtype)
+        if attention_mask is not None:
+            attention_mask = _pad(attention_mask, layer.tokens)
+        if kwargs.get("position_bias") is not None:  # T5: the prefix has no relative position
+            kwargs["position_bias"] = _pad(kwargs["position_bias"], layer.tokens)
+        return inner(module, query, key, value, attention_mask, *args, **kwargs)
+
+    return attend
+
+
+def _register_functions() -> None:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    for inner in _INNERS:
+        if _NAME + inner not in AttentionInterface._global_mapping:
+            AttentionInterface.register(_NAME + inner, _attention(inner))
+            AttentionMaskInterface.register(_NAME + inner, ALL_MASK_ATTENTION_FUNCTIONS[inner])
+
+
+def _blocks(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Target path -> its (P, 2*kv_dim) block, from a statement's tensors ("path.local" keys),
+    running the MLP where the statement has one."""
+    by_path: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        path, _, local = name.rpartition(".")
+        by_path.setdefault(path, {})[local] = tensor
+    if all("prefix" in own for own in by_path.values()):
+        return {path: own["prefix"] for path, own in by_path.items()}
+    hidden: dict[str, torch.Tensor] = {}
+    for path, own in by_path.items():
+        if "prefix_embedding" in own:
+            hidden[_stack_key(path)] = torch.tanh(F.linear(own["prefix_embedding"], own["prefix_in_weight"],
+                                                           own["prefix_in_bias"]))
+    return {path: F.linear(hidden[_stack_key(path)], own["prefix_out_weight"], own["prefix_out_bias"])
+            for path, own in by_path.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class PrefixPatch(Patch):
+    def __init__(self, model: nn.Module, inner: nn.Module, layer: _Layer, state: _ModelState) -> None:
+        self.model, self.inner, self.layer, self.state = model, inner, layer, state
+        self.folded = False
+
+    def added_parameters(self) -> dict[str, nn.Parameter]:
+        params = self.layer.module._parameters
+        return {name: params[name] for name in self.layer.names}  # type: ignore[misc]
+
+    def fold(self) -> bool:
+        group = self.layer.group
+        if group is None or self.folded:
+            return False
+        if not group.folded:
+            group.fold()
+        self.folded = True
+        return True
+
+    def revert(self) -> None:
+        for name in self.layer.names:
+            del self.layer.module._parameters[name]
+        self.layer.names = []
+        self.inner.__dict__.pop(_LAYER_ATTR, None)
+        group = self.layer.group
+        if group is not None and self.layer in group.members:
+            group.members.remove(self.layer)
+        self.state.count -= 1
+        if self.state.count == 0:
+            self.state.release()
+            self.model.__dict__.pop(_STATE_ATTR, None)
+
+
+def _new(shape: tuple[int, ...], like: nn.Parameter) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(shape, dtype=like.dtype, device=like.device))
+
+
+def _init(module: nn.Module, names: list[str], params: PrefixParams) -> None:
+    """PEFT's defaults: nn.Embedding's N(0, 1) and nn.Linear's Kaiming-uniform (per-layer row blocks of
+    PEFT's last Linear have its fan-in, so the same distribution)."""
+    with torch.no_grad():
+        for name in names:
+            tensor = module._parameters[name]
+            if name in ("prefix", "prefix_embedding"):
+                nn.init.normal_(tensor)
+            elif name.endswith("weight"):
+                nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+            else:  # a Linear's bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in of its weight
+                fan_in = module._parameters[name.replace("bias", "weight")].shape[1]
+                nn.init.uniform_(tensor, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+
+
+@register
+class Prefix(Method):
+    verb = "inject"
+    name = "prefix"
+    Params = PrefixParams
+    kinds = frozenset({"container"})
+    claims = frozenset({"attention", "inputs"})
+    summary = "prefix tuning / P-tuning v2: trainable keys and values in front of each attention layer"
+    peft_type = "PREFIX_TUNING"
+    peft_scope = "model"
+
+    @classmethod
+    def check(cls, target: Target, params: MethodParams) -> str | None:
+        if target.role not in ("attn", "cross_attn"):
+            return f"{target.path} is not an attention module; prefix tuning targets attention (*.attn)"
+        return None
+
+    @classmethod
+    def added_shapes(cls, target: Target, params: MethodParams) -> dict[str, tuple[int, ...]]:
+        assert isinstance(params, PrefixParams)
+        kv_dim = _target_kv_dim(target)
+        if kv_dim is None:
+            return {}  # the planner did not record kv_dim (needs the shared change in the report)
+        return _shapes(kv_dim, _layer_index(target.path) == 0, params)
+
+    @classmethod
+    def apply(cls, model: nn.Module, target: Target, params: MethodParams, ctx: ApplyContext) -> Patch:
+        assert isinstance(params, PrefixParams)
+        module = model.get_submodule(target.path)
+        inner = _inner_attention(module)
+        n_kv, head_dim = _kv_shape(inner)
+        leader = _layer_index(target.path) == 0
+        if _LAYER_ATTR in inner.__dict__:
+            raise PlanError(f"{target.path} already has a prefix")
+        state = model.__dict__.get(_STATE_ATTR)
+        if state is None:
+            _register_functions()
+            state = _ModelState(model, params.tokens)
+            model.__dict__[_STATE_ATTR] = state
+        elif state.tokens != params.tokens and state.handles:
+            raise PlanError(f"two prefix lengths ({state.tokens}, {params.tokens}) on one model with position "
+                            "embeddings: the positions can shift by only one of them")
+        group = None
+        if params.projection is not None:
+            key = (_stack_key(target.path), params.model_dump_json())
+            group = state.groups.get(key)
+            if leader:
+                group = state.groups[key] = _Group(leader=module)
+            elif group is None or group.folded or not group.members:
+                if state.count == 0:  # nothing else holds the model-wide switch: undo it now
+                    state.release()
+                    del model.__dict__[_STATE_ATTR]
+                raise PlanError(f"prefix projection: {target.path} shares its stack's MLP, which layer 0 holds; "
+                                "the statement must include layer 0 of the stack (or drop projection)")
+        state.count += 1
+        like = next(p for p in inner.parameters())
+        shapes = _shapes(n_kv * head_dim, leader, params)
+        for name, shape in shapes.items():
+            if hasattr(module, name):
+                raise PlanError(f"{target.path} already has an attribute '{name}'")
+            module.register_parameter(name, _new(shape, like))
+        if ctx.init:
+            _init(module, list(shapes), params)
+        layer = _Layer(module=module, n_kv=n_kv, head_dim=head_dim, tokens=params.tokens, names=list(shapes),
+                       group=group)
+        if group is not None:
+            group.members.append(layer)
+        inner.__dict__[_LAYER_ATTR] = layer
+        return PrefixPatch(model, inner, layer, state)
+
+    # --- PEFT interchange: PEFT's checkpoint holds only prompt_embeddings, (P, L*2*kv_dim) ---
+
+    @classmethod
+    def peft_config(cls, params: MethodParams) -> dict[str, Any]:
+        assert isinstance(params, PrefixParams)
+        config: dict[str, Any] = {"num_virtual_tokens": params.tokens,
+                                  "prefix_projection": params.projection is not None}
+        if params.projection is not None:
+            config["encoder_hidden_size"] = params.projection
+        return config
+
+    @classmethod
+    def to_peft_tensors(cls, target: Target, params: MethodParams,
+                        tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """PEFT's prompt_embeddings (P, L*2*kv_dim): the layer blocks side by side in layer order,
+        from every patch of the statement ("path.local" keys). An MLP is folded on the way (PEFT's
+        checkpoint holds what the encoder produces, not the encoder)."""
+        blocks = _blocks(tensors)
+        stacks = {_stack_key(path) for path in blocks}
+        if len(stacks) != 1:
+            raise ExportError(f"PEFT's prefix tuning holds one stack of layers; this run has {sorted(stacks)}")
+        return {"prompt_embeddings": torch.cat([blocks[p] for p in sorted(blocks, key=_layer_index)], dim=1)}
+
+    @classmethod
+    def from_peft_tensors(cls, target: Target, params: MethodParams,
+                          tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inverse, for the folded form (what PEFT's checkpoint holds): "path.prefix" per layer
+        of `target`'s stack. Needs the planner's kv_dim to know the layer count."""
+        kv_dim = _target_kv_dim(target)
+        if kv_dim is None:
+            raise ExportError("importing a PEFT prefix needs the key/value width of the attention targets, "
+                              "which this planner does not record")
+        embeddings = tensors["prompt_embeddings"]
+        width = 2 * kv_dim
+        if embeddings.shape[1] % width:
+            raise ExportError(f"prompt_embeddings of width {embeddings.shape[1]} is not a whole number of "
+                              f"layers of {width} columns")
+        stack = _stack_key(target.path)
+        return {f"{stack.replace('.*', f'.{i}', 1)}.prefix": embeddings[:, i * width:(i + 1) * width]
+                for i in range(embeddings.shape[1] // width)}
+
+    @classmethod
+    def statement_from_peft(cls, config: dict[str, Any], targets: list[str]) -> str:
+        # PEFT's checkpoint holds the plain prefix (the MLP collapsed away), so the import is the
+        # folded form: no projection. Seq2seq: PEFT reaches only the decoder self-attention.
+        tokens = int(config["num_virtual_tokens"])
+        where = "decoder.**.attn" if config.get("task_type") == "SEQ_2_SEQ_LM" else "*.attn"
+        return f"inject prefix tokens={tokens} into {where}"
