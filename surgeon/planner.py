@@ -157,9 +157,12 @@ class _Planner:
             if clause.preposition not in allowed:
                 raise self.error(f"{method.name} does not take '{clause.preposition}'", clause.location,
                                  "use " + " or ".join(f"'{p}'" for p in sorted(method.prepositions)))
+        # what is included first (the method's words, the statement's clauses), then what is excluded
+        # (the method's own exclusions, the statement's), so an exclusion always has something to act on
         clauses = [Clause(preposition="into", pattern=text, location=word.location) for text, word in args.patterns]
+        clauses += [c for c in statement.clauses if c.preposition != "except"]
         clauses += [Clause(preposition="except", pattern=text, location=statement.location) for text in args.excepts]
-        clauses += list(statement.clauses)
+        clauses += [c for c in statement.clauses if c.preposition == "except"]
         chosen: dict[str, set[str | None]] = {}
         lenient = args.lenient
         if not any(c.preposition != "except" for c in clauses) and method.default_target:
@@ -179,12 +182,10 @@ class _Planner:
                 raise self.error(f"pattern '{clause.pattern}' matches no module", clause.location,
                                  self.nearest(clause.pattern))
             if clause.preposition == "except":
-                for path, slices in found.items():
-                    left = chosen.get(path, set()) - slices
-                    if None in slices or not left:
-                        chosen.pop(path, None)
-                    else:
-                        chosen[path] = left
+                remaining = self.exclude(chosen, found)
+                if remaining or clause in statement.clauses:
+                    chosen = remaining
+                # else: a method's own default exclusion would leave nothing; its check() says why
             else:
                 for path, slices in found.items():
                     chosen.setdefault(path, set()).update(slices)
@@ -192,6 +193,17 @@ class _Planner:
             raise self.error("nothing is left to patch after 'except'", statement.location,
                              "the except patterns remove every module the statement matched")
         return chosen, lenient
+
+    @staticmethod
+    def exclude(chosen: dict[str, set[str | None]], found: dict[str, set[str | None]]) -> dict[str, set[str | None]]:
+        remaining = dict(chosen)
+        for path, slices in found.items():
+            left = remaining.get(path, set()) - slices
+            if None in slices or not left:
+                remaining.pop(path, None)
+            else:
+                remaining[path] = left
+        return remaining
 
     def target(self, info: ModuleInfo, slices: set[str | None], method: type[Method]) -> Target:
         weight = info.params.get("weight")

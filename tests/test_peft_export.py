@@ -197,3 +197,43 @@ def test_every_method_round_trips_through_peft_both_ways(tmp_path, arch, spec, p
     fresh = load_model(str(tmp_path / "base"))[0].eval()
     surgeon.load(tmp_path / "run", fresh)
     assert (run(fresh, ids) - ours).abs().max() <= 1e-5
+
+
+PROMPT_ROUND_TRIPS = [  # PEFT's prompt learning: one top-level tensor set, a task type
+    ("llama", "inject prompt tokens=4 into embed", "PROMPT_TUNING", "prompt"),
+    ("gpt2", "inject prompt tokens=3 into embed", "PROMPT_TUNING", "prompt"),
+    ("llama", "inject ptuning tokens=4 encoder=mlp hidden=32 into embed", "P_TUNING", "prompt"),
+    ("llama", "inject prefix tokens=3 into *.attn", "PREFIX_TUNING", "prefix"),
+    ("llama", "inject prefix tokens=3 projection=16 into *.attn", "PREFIX_TUNING", "prefix"),
+    ("gpt2", "inject prefix tokens=3 into *.attn", "PREFIX_TUNING", "prefix"),
+]
+
+
+@pytest.mark.parametrize(("arch", "spec", "peft_type", "imported_as"), PROMPT_ROUND_TRIPS,
+                         ids=[f"{a}-{s.split()[1]}-{i}" for i, (a, s, _, _) in enumerate(PROMPT_ROUND_TRIPS)])
+def test_prompt_methods_round_trip_through_peft_both_ways(tmp_path, arch, spec, peft_type, imported_as):
+    """PEFT holds what a prompt encoder produces, not the encoder: P-tuning imports as prompt tuning
+    and a projected prefix as the plain prefix, with the same outputs."""
+    from surgeon.models import load_model
+
+    BUILDERS[arch]().save_pretrained(tmp_path / "base")
+    model, source = load_model(str(tmp_path / "base"))
+    job = surgeon.apply(spec, model, seed=0, source=source)
+    randomize(job)
+    model.eval()
+    ids = batch()
+    ours = model(input_ids=ids).logits.detach()
+    job.save(tmp_path / "adapter", format="peft")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == peft_type and config["task_type"] == "CAUSAL_LM"
+    theirs = peft.PeftModel.from_pretrained(load_model(str(tmp_path / "base"))[0], tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert (theirs(input_ids=ids).logits - ours).abs().max() <= 1e-5
+    result = runner.invoke(app, ["import", str(tmp_path / "adapter"), "--model", str(tmp_path / "base"),
+                                 "--out", str(tmp_path / "run"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert f"inject {imported_as} tokens=" in json.loads(result.output)["spec"]
+    fresh = load_model(str(tmp_path / "base"))[0].eval()
+    surgeon.load(tmp_path / "run", fresh)
+    with torch.no_grad():
+        assert (fresh(input_ids=ids).logits - ours).abs().max() <= 1e-5
