@@ -73,8 +73,27 @@ def pair(spec: str) -> tuple[surgeon.Job, nn.Module, nn.Module]:
         config = peft.PeftConfig.from_pretrained(folder)
         config.inference_mode = False
         peft_model = peft.get_peft_model(theirs, config)
-        peft.set_peft_model_state_dict(peft_model, load_file(f"{folder}/adapter_model.safetensors"))
+        if not getattr(config, "prefix_projection", False):  # a projected prefix's export is the MLP's output
+            peft.set_peft_model_state_dict(peft_model, load_file(f"{folder}/adapter_model.safetensors"))
+    copy_encoder(job, peft_model.prompt_encoder["default"])
     return job, ours, peft_model
+
+
+@torch.no_grad()
+def copy_encoder(job: surgeon.Job, encoder: nn.Module) -> None:
+    """PEFT's checkpoint holds what an encoder produces; in training mode PEFT runs its own encoder
+    (P-tuning's MLP, prefix tuning's projection), so give it surgeon's encoder weights."""
+    tensors = job.added_tensors()
+    if hasattr(encoder, "mlp_head") or hasattr(encoder, "lstm_head"):  # P-tuning: module for module
+        ours = job._surgery.patches[0][1].owner.prompt_encoder
+        encoder.load_state_dict(ours.state_dict())
+    elif getattr(encoder, "prefix_projection", False):  # prefix MLP: layer 0 holds the shared parts
+        paths = [r.target.path for r in job.plan.rewrites]
+        encoder.embedding.weight.copy_(tensors[f"{paths[0]}.prefix_embedding"])
+        encoder.transform[0].weight.copy_(tensors[f"{paths[0]}.prefix_in_weight"])
+        encoder.transform[0].bias.copy_(tensors[f"{paths[0]}.prefix_in_bias"])
+        encoder.transform[2].weight.copy_(torch.cat([tensors[f"{p}.prefix_out_weight"] for p in paths], 0))
+        encoder.transform[2].bias.copy_(torch.cat([tensors[f"{p}.prefix_out_bias"] for p in paths], 0))
 
 
 @torch.no_grad()
