@@ -224,3 +224,35 @@ def test_requantized_merge_on_cuda_loads_in_transformers_with_bitsandbytes(tmp_p
     assert (cuda_run(loaded, ids) - unmerged).abs().max() < 0.5
     job.revert()
     assert all(t.is_cuda for t in job.model.state_dict().values())
+
+
+@pytest.mark.parametrize("spec", [
+    "inject dora r=4 alpha=8 into *.attn.<q,v>",
+    "inject loha r=4 alpha=8 into *.attn.<q,v>",
+    "inject lokr r=4 alpha=8 into *.mlp.<up,down>",
+    "inject ia3 into *.attn.<k,v>\ninject ia3 into *.mlp.down",
+    "inject adalora init_r=6 target_r=4 tinit=1 tfinal=1 total_steps=10 into *.attn.<q,v>",
+    "inject prompt tokens=4 into embed",
+    "inject ptuning tokens=4 encoder=mlp hidden=32 into embed",
+    "inject prefix tokens=3 projection=16 into *.attn",
+])
+def test_methods_on_cuda_compute_what_they_compute_on_cpu(spec):
+    """Every added tensor lands on the model's device; outputs, greedy tokens and revert as on the CPU."""
+    on_cpu = tiny_llama()
+    on_gpu = clone(on_cpu).to(CUDA)
+    original = clone(on_gpu)
+    jobs = [surgeon.apply(spec, model, seed=0) for model in (on_cpu, on_gpu)]
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for (name, a), b in zip(jobs[0].trainable_parameters().items(), jobs[1].trainable_parameters().values()):
+            assert b.is_cuda, name
+            b.copy_(a.add_(torch.randn(a.shape, generator=generator) * 0.1))
+    ids = batch()
+    with torch.no_grad():
+        expected = on_cpu.eval()(input_ids=ids).logits
+    assert (cuda_run(on_gpu.eval(), ids) - expected).abs().max() <= 1e-4
+    with torch.no_grad():
+        tokens = on_gpu.generate(ids.to(CUDA), max_new_tokens=5, do_sample=False).cpu()
+    assert torch.equal(tokens, on_cpu.generate(ids, max_new_tokens=5, do_sample=False))
+    jobs[1].revert()
+    assert_same_model(on_gpu, original)
