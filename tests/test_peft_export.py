@@ -237,3 +237,28 @@ def test_prompt_methods_round_trip_through_peft_both_ways(tmp_path, arch, spec, 
     surgeon.load(tmp_path / "run", fresh)
     with torch.no_grad():
         assert (fresh(input_ids=ids).logits - ours).abs().max() <= 1e-5
+
+
+def test_multitask_prompt_round_trips_through_peft_with_task_ids(tmp_path):
+    from surgeon.models import load_model
+
+    BUILDERS["llama"]().save_pretrained(tmp_path / "base")
+    model, source = load_model(str(tmp_path / "base"))
+    job = surgeon.apply("inject mpt tokens=4 tasks=3 rank=2 into embed", model, seed=0, source=source)
+    randomize(job)
+    model.eval()
+    ids, tasks = batch(), torch.tensor([2, 0])
+    with torch.no_grad():
+        ours = model(input_ids=ids, task_ids=tasks).logits
+    job.save(tmp_path / "adapter", format="peft")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "MULTITASK_PROMPT_TUNING"
+    theirs = peft.PeftModel.from_pretrained(load_model(str(tmp_path / "base"))[0], tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert (theirs(input_ids=ids, task_ids=tasks).logits - ours).abs().max() <= 1e-5
+    result = runner.invoke(app, ["import", str(tmp_path / "adapter"), "--model", str(tmp_path / "base"),
+                                 "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    fresh = load_model(str(tmp_path / "base"))[0].eval()
+    surgeon.load(tmp_path / "run", fresh)
+    with torch.no_grad():
+        assert (fresh(input_ids=ids, task_ids=tasks).logits - ours).abs().max() <= 1e-5
