@@ -276,9 +276,10 @@ def revert(
 
 
 def _rerun_and_write(run: Path, out_dir: Path, force: bool, as_json: bool, doing: str,
-                     finish: Callable[[Job], nn.Module],
-                     write: Callable[[nn.Module, Path], None] = save_base_model) -> Manifest:
-    """Read the run's source model again, re-apply the run, `finish` it, write the result to out_dir."""
+                     finish: Callable[[Job], Any],
+                     write: Callable[[Any, Path], None] = save_base_model) -> Manifest:
+    """Read the run's source model again, re-apply the run, `finish` it, `write` the result to
+    out_dir (staged: out_dir appears only when all went well)."""
     manifest = read_manifest(run)
     _fresh_out(out_dir, force)
     with _status("reading the source model", as_json):
@@ -339,16 +340,12 @@ def fold(
 ) -> None:
     """Replace training-time reparameterisations (prefix tuning's MLP) by the plain tensors they
     produce and write the run again: smaller, the same outputs."""
-    manifest = read_manifest(run)
-    _fresh_out(out_dir, force)
-    with _status("reading the source model", as_json):
-        model = reload_source(manifest.source)
-    with _status("folding", as_json):
-        job = load(run, model)
+    def fold_job(job: Job) -> Job:
         job.fold()
-        with _staged(out_dir, force) as staging:
-            job.save(staging)
-    folded = sum(r.folded for r in job.manifest.patches)
+        return job
+
+    _rerun_and_write(run, out_dir, force, as_json, "folding", fold_job, lambda job, path: job.save(path))
+    folded = sum(r.folded for r in read_manifest(out_dir).patches)
     if as_json:
         print(json.dumps({"ok": True, "run": str(out_dir), "folded": folded}))
         return
@@ -372,20 +369,16 @@ def export(
     with the reason."""
     if format != "peft":
         raise SurgeonError(f"unknown format '{format}': the only export format is 'peft'")
-    manifest = read_manifest(run)
-    _fresh_out(out_dir, force)
-    with _status("reading the source model", as_json):
-        model = reload_source(manifest.source)
-    with _status("exporting", as_json):
-        job = load(run, model)
-        with _staged(out_dir, force) as staging:
-            job.save(staging, format="peft")
-            config = json.loads((staging / "adapter_config.json").read_text())
+    _rerun_and_write(run, out_dir, force, as_json, "exporting", lambda job: job,
+                     lambda job, path: job.save(path, format="peft"))
+    config = json.loads((out_dir / "adapter_config.json").read_text())
+    modules = config.get("target_modules")  # none for prompt learning: one top-level prompt
     if as_json:
         print(json.dumps({"ok": True, "out": str(out_dir), "peft_type": config["peft_type"],
-                          "target_modules": len(config["target_modules"])}))
+                          "target_modules": modules}))
         return
-    out.print(f"wrote a PEFT {config['peft_type']} adapter for {len(config['target_modules'])} modules to {out_dir}")
+    where = f" for {len(modules)} module names" if modules else ""
+    out.print(f"wrote a PEFT {config['peft_type']} adapter{where} to {out_dir}")
 
 
 @app.command("import")

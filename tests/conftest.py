@@ -129,3 +129,18 @@ def assert_same_files(a: Path, b: Path) -> None:
     for name in ta:
         assert ta[name].dtype == tb[name].dtype and ta[name].shape == tb[name].shape, name
         assert ta[name].contiguous().view(torch.uint8).equal(tb[name].contiguous().view(torch.uint8)), name
+
+
+def train_losses(model: nn.Module, params, steps: int = 8, lr: float = 1e-2,
+                 shape: tuple[int, int] = (4, 16)) -> list[float]:
+    """AdamW on `params` for `steps` steps of causal-LM loss on one fixed batch; the losses."""
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    ids = batch(shape=shape)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import assert_same_model, batch, clone, run, tiny_bert, tiny_gpt2, tiny_llama
+from conftest import assert_same_model, batch, clone, run, tiny_bert, tiny_gpt2, tiny_llama, train_losses
 
 import surgeon
 from surgeon.errors import ExportError, SpecError
@@ -82,15 +82,7 @@ def test_training_lowers_the_loss_changes_only_biases_and_revert_is_exact():
     model.transformer.wpe.weight.requires_grad_(False)  # a mix of flags for revert to restore
     original = clone(model)
     job = surgeon.apply("train bias", model)
-    optimizer = torch.optim.AdamW(job.trainable_parameters().values(), lr=5e-2)
-    ids = batch(shape=(4, 16))
-    losses = []
-    for _ in range(8):
-        loss = model(input_ids=ids, labels=ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_losses(model, job.trainable_parameters().values(), steps=8, lr=5e-2)
     assert losses[-1] < losses[0] - 0.05, losses
     before, now = original.state_dict(), model.state_dict()
     biases = set(_gpt2_biases(original.config))

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import BUILDERS, assert_same_model, batch, clone, run, tiny_gpt2, tiny_llama
+from conftest import BUILDERS, assert_same_model, batch, clone, run, tiny_gpt2, tiny_llama, train_losses
 from peft_twin import peft_state as state_of, peft_twin as make_twin, randomize, rewrites_of, with_grad
 from safetensors.torch import load_file
 from torch import nn
@@ -114,15 +114,7 @@ def test_training_lowers_the_loss_and_revert_is_exact(arch):
     model = BUILDERS[arch]().train()
     original = clone(model)
     job = surgeon.apply(f"inject loha r=4 alpha=8 into {QV}", model, seed=0)
-    optimizer = torch.optim.AdamW(job.trainable_parameters().values(), lr=3e-2)
-    ids = batch(shape=(4, 16))
-    losses = []
-    for _ in range(8):
-        loss = model(input_ids=ids, labels=ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_losses(model, job.trainable_parameters().values(), steps=8, lr=3e-2)
     assert losses[-1] < losses[0] - 0.05, losses
     job.revert()
     assert_same_model(model, original)

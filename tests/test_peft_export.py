@@ -262,3 +262,19 @@ def test_multitask_prompt_round_trips_through_peft_with_task_ids(tmp_path):
     surgeon.load(tmp_path / "run", fresh)
     with torch.no_grad():
         assert (fresh(input_ids=ids, task_ids=tasks).logits - ours).abs().max() <= 1e-5
+
+
+def test_cli_exports_a_prompt_run(tmp_path):
+    import shutil
+
+    from surgeon.models import load_model
+
+    shutil.copytree(Path(__file__).resolve().parent.parent / "examples" / "tiny-llama", tmp_path / "model")
+    model, source = load_model(str(tmp_path / "model"))
+    surgeon.apply("inject prompt tokens=3 into embed", model, seed=0, source=source).save(tmp_path / "run")
+    result = runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "adapter"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["peft_type"] == "PROMPT_TUNING" and report["target_modules"] is None
+    result = runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "adapter2")])
+    assert result.exit_code == 0 and "wrote a PEFT PROMPT_TUNING adapter to" in result.output
