@@ -327,7 +327,7 @@ class _Planner:
                     raise self.error(
                         f"'{rewrite.verb} {rewrite.method}' and '{first.verb} {first.method}' (line "
                         f"{first.location.line}) both change the model's {_CLAIMS.get(claim, claim)}; they cannot compose",
-                        rewrite.location, "keep one of them (or apply them in two separate jobs, one after the other)")
+                        rewrite.location, "keep one of them")
 
 
 _CLAIMS = {"inputs": "inputs (what it sees before the first layer)", "attention": "attention function"}
