@@ -7,7 +7,7 @@ from importlib import resources
 from pathlib import Path
 
 from lark import Lark, Token, Transformer, Tree, v_args
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 
 from surgeon.errors import Location, SpecError, SurgeonError
 from surgeon.spec import Clause, Param, Spec, Statement, Word
