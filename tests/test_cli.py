@@ -121,3 +121,16 @@ def test_real_process_prints_no_traceback_and_exits_2(tmp_path):
     assert "Traceback" not in done.stderr + done.stdout
     assert f"{bad}:2:8: error: unknown method 'inject lorra'" in done.stderr
     assert "did you mean 'lora'" in done.stderr
+
+
+@pytest.mark.parametrize("spec", sorted((Path(__file__).resolve().parent.parent / "specs").glob("*.peft")),
+                         ids=lambda p: p.name)
+def test_every_bundled_spec_checks_on_the_bundled_models(spec):
+    """The specs in specs/ are documentation: each must plan on the example Llama and GPT-2."""
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    for model in ("tiny-llama", "tiny-gpt2"):
+        if spec.name == "bitfit-lora.peft" and model == "tiny-llama":
+            continue  # Llama has no biases: the spec's comment says so
+        result = runner.invoke(app, ["check", str(spec), str(examples / model), "--json"])
+        assert result.exit_code == 0, (model, result.output)
+        assert json.loads(result.output)["totals"]["trainable_parameters"] > 0
