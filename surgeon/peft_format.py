@@ -158,18 +158,18 @@ def read_peft_dir(peft_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     return config, tensors
 
 
-def spec_from_peft(config: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
+def spec_from_peft(config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                   model: nn.Module) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
     """The spec that says what the adapter says, and the adapter's tensors by module path (PEFT names)."""
     candidates = [m for m in registry().values() if m.peft_type == config["peft_type"]]
-    if candidates and all(m.peft_scope == "model" for m in candidates):
+    if not candidates:
+        raise ExportError(f"PEFT type {config['peft_type']} has no surgeon method")
+    if all(m.peft_scope == "model" for m in candidates):  # prompt learning: top-level tensors
         return candidates[0].statement_from_peft(config, []), {"": tensors}
     by_module = _tensors_by_module(tensors, {name for name, _ in model.named_modules() if name})
     targets = sorted(path for path, found in by_module.items() if any(not n.startswith("base_layer.") for n in found))
     if not targets:
         raise ExportError("the PEFT adapter holds no tensors of a module of this model")
-    candidates = [m for m in registry().values() if m.peft_type == config["peft_type"]]
-    if not candidates:
-        raise ExportError(f"PEFT type {config['peft_type']} has no surgeon method")
     reasons = []
     for method in candidates:
         try:
