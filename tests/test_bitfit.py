@@ -221,3 +221,25 @@ def test_check_counts_the_biases_it_makes_trainable(tmp_path):
     assert summary["totals"]["trainable_parameters"] == 2 * hidden * layers
     assert summary["per_method"] == {"train bias": 2 * hidden * layers}
     assert {r["target"].rsplit(".", 1)[-1] for r in summary["rewrites"]} == {"query", "value"}  # only the chosen
+
+
+@pytest.mark.parametrize("method", ["lora r=2", "dora r=2", "loha r=2", "lokr r=2", "ia3", "relora r=2 restart_every=5",
+                                    "adalora init_r=4 target_r=2 total_steps=10"])
+def test_bitfit_beside_a_weight_delta_method_trains_merges_and_reverts(method):
+    """`train bias` on the layers another method wraps: the bias under the wrapper trains, the merged
+    model computes what the patched one does, and revert gives every tensor back."""
+    model = tiny_gpt2().train()
+    original = clone(model)
+    job = surgeon.apply(f"inject {method} into *.attn.<q,v>\ntrain bias only=<q,v>", model, seed=0)
+    biases = {n for n in job.trainable_parameters() if n.endswith("c_attn.bias")}
+    assert biases == {f"transformer.h.{i}.attn.c_attn.bias" for i in range(2)}
+    losses = train_losses(model, job.trainable_parameters().values(), steps=4, lr=1e-2)  # moves every delta off 0
+    assert losses[-1] < losses[0]
+    assert not torch.equal(model.transformer.h[0].attn.c_attn.base.bias, original.transformer.h[0].attn.c_attn.bias)
+    ids = batch()
+    model.eval()
+    unmerged = run(model, ids)
+    job.merge()
+    assert (run(model, ids) - unmerged).abs().max() <= 1e-5
+    job.revert()
+    assert_same_model(model.train(), original)

@@ -125,7 +125,8 @@ class BitFit(Method):
     Params = BitFitParams
     prepositions = frozenset({"in"})
     kinds = frozenset({"linear", "conv1d", "conv2d", "norm"})
-    stacks_on = frozenset({"quantize", "lora", "relora"})  # biases are untouched by those
+    # the weight-delta methods keep the original layer as `.base`, whose bias this trains
+    stacks_on = frozenset({"quantize", "lora", "relora", "dora", "loha", "lokr", "ia3", "adalora"})
     mergeable = True
     default_target = "**"
     summary = "train only the biases, or the q/k/v/o/mlp/norm ones (Ben Zaken et al. 2021)"
