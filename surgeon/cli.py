@@ -22,12 +22,13 @@ from rich.tree import Tree
 from torch import nn
 
 from surgeon.bnb_format import check_bnb_4bit, save_bnb_4bit
-from surgeon.errors import SurgeonError
+from surgeon.errors import SurgeonError, did_you_mean
 from surgeon.graph import ModuleGraph, build_module_graph, dtype_size
 from surgeon.job import apply_checkpoint
 from surgeon.job import Job, import_peft, load
 from surgeon.language import parse_spec, read_spec_text
 from surgeon.manifest import Manifest, read_manifest
+from surgeon.methods.base import registry
 from surgeon.models import load_model, reload_source, sample_output, save_base_model
 from surgeon.patterns import PatternError, compile_pattern
 from surgeon.planner import Plan, plan
@@ -403,6 +404,48 @@ def import_command(
         return
     out.print(job.manifest.spec_text.strip())
     out.print(f"wrote {out_dir}/manifest.json, {out_dir}/adapters.safetensors and {out_dir}/spec.peft")
+
+
+@app.command()
+@user_errors
+def methods(
+    name: Annotated[str | None, typer.Argument(help="one method's parameters, e.g. 'lora'")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the methods a spec can name, or one method's parameters with their defaults."""
+    found = {f"{verb} {method_name}" if verb != method_name else verb: method
+             for (verb, method_name), method in sorted(registry().items())}
+    if name is not None:
+        matches = {k: m for k, m in found.items() if name in (k, k.split()[-1])}
+        if not matches:
+            raise SurgeonError(f"unknown method '{name}'; {did_you_mean(name, [k.split()[-1] for k in found]) or ''}"
+                               f" methods: {', '.join(k.split()[-1] for k in found)}")
+        found = matches
+    rows = [{"statement": statement, "summary": method.summary, "targets": sorted(method.kinds),
+             "peft": method.peft_type, "mergeable": method.mergeable,
+             "parameters": {key: {"default": None if field.is_required() else field.default,
+                                  "required": field.is_required(), "description": field.description}
+                            for key, field in method.Params.model_fields.items()}}
+            for statement, method in found.items()]
+    if as_json:
+        print(json.dumps(rows, default=str))
+        return
+    if name is None:
+        table = Table(title=f"{len(rows)} methods ('surgeon methods NAME' for the parameters)", title_justify="left")
+        for column in ("statement", "what it does", "targets", "PEFT"):
+            table.add_column(column)
+        for row in rows:
+            table.add_row(row["statement"], row["summary"], ", ".join(row["targets"]), row["peft"] or "-")
+        out.print(table)
+        return
+    for row in rows:
+        table = Table(title=f"{row['statement']}: {row['summary']}", title_justify="left")
+        for column in ("parameter", "default", "meaning"):
+            table.add_column(column)
+        for key, field in row["parameters"].items():
+            default = "required" if field["required"] else repr(field["default"])
+            table.add_row(key, escape(default), field["description"] or "")
+        out.print(table)
 
 
 @app.command()

@@ -134,3 +134,17 @@ def test_every_bundled_spec_checks_on_the_bundled_models(spec):
         result = runner.invoke(app, ["check", str(spec), str(examples / model), "--json"])
         assert result.exit_code == 0, (model, result.output)
         assert json.loads(result.output)["totals"]["trainable_parameters"] > 0
+
+
+def test_methods_lists_every_registered_method_and_one_methods_parameters():
+    from surgeon.methods.base import registry
+
+    result = runner.invoke(app, ["methods", "--json"])
+    assert result.exit_code == 0, result.output
+    listed = {row["statement"] for row in json.loads(result.output)}
+    assert listed == {verb if verb == name else f"{verb} {name}" for verb, name in registry()}
+    result = runner.invoke(app, ["methods", "relora", "--json"])
+    (row,) = json.loads(result.output)
+    assert row["parameters"]["restart_every"]["required"] and row["parameters"]["r"]["default"] == 8
+    result = runner.invoke(app, ["methods", "lorra"])
+    assert result.exit_code == 2 and "did you mean 'lora'" in result.output
