@@ -144,3 +144,14 @@ def train_losses(model: nn.Module, params, steps: int = 8, lr: float = 1e-2,
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+def assert_merge_keeps_outputs_and_reverts(model: nn.Module, original: nn.Module, job, ids: torch.Tensor) -> None:
+    """merge(): only plain torch/transformers modules remain and the outputs stay within 1e-5;
+    revert() after it gives `original` back exactly."""
+    unmerged = run(model, ids)
+    job.merge()
+    assert all(type(m).__module__.startswith(("torch.", "transformers.")) for m in model.modules())
+    assert (run(model, ids) - unmerged).abs().max() <= 1e-5
+    job.revert()
+    assert_same_model(model, original)

@@ -4,7 +4,8 @@ PEFT interchange and errors."""
 
 import pytest
 import torch
-from conftest import BUILDERS, assert_same_model, batch, clone, run, tiny_llama
+from conftest import (BUILDERS, assert_merge_keeps_outputs_and_reverts, assert_same_model, batch, clone, run,
+                      tiny_llama, train_losses)
 from peft_twin import bnb_dequantized, with_random_biases
 from torch import nn
 
@@ -140,15 +141,7 @@ def test_training_lowers_the_loss_and_revert_is_exact(arch):
     model = _build(arch).train()
     original = clone(model)
     job = surgeon.apply("inject dora r=4 alpha=8 into *.attn.<q,v>", model, seed=0)
-    ids = batch(shape=(4, 16))
-    optimizer = torch.optim.AdamW(job.trainable_parameters().values(), lr=5e-2)
-    losses = []
-    for _ in range(8):
-        loss = model(input_ids=ids, labels=ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_losses(model, job.trainable_parameters().values(), steps=8, lr=5e-2)
     assert losses[-1] < losses[0] - 0.05, losses
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in job.trainable_parameters().values())
     job.revert()
@@ -184,13 +177,7 @@ def test_merge_equals_unmerged_and_revert_after_merge_is_exact(arch, spec):
     original = clone(model)
     job = surgeon.apply(spec, model, seed=0)
     _randomize(job)
-    ids = batch()
-    unmerged = run(model, ids)
-    job.merge()
-    assert all(type(m).__module__.startswith(("torch.", "transformers.")) for m in model.modules())
-    assert (run(model, ids) - unmerged).abs().max() <= 1e-5
-    job.revert()
-    assert_same_model(model, original)
+    assert_merge_keeps_outputs_and_reverts(model, original, job, batch())
 
 
 def test_merged_weight_is_magnitude_times_direction():
@@ -232,16 +219,9 @@ def test_on_a_quantized_base_trains_merges_and_reverts_exactly():
     model = tiny_llama().train()
     original = clone(model)
     job = surgeon.apply(QDORA, model, seed=0)
-    ids = batch(shape=(4, 16))
-    optimizer = torch.optim.AdamW(job.trainable_parameters().values(), lr=1e-2)
-    losses = []
-    for _ in range(6):
-        loss = model(input_ids=ids, labels=ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_losses(model, job.trainable_parameters().values(), steps=6, lr=1e-2)
     assert losses[-1] < losses[0] - 0.05, losses
+    ids = batch(shape=(4, 16))  # the training batch
     model.eval()
     unmerged = run(model, ids)
     job.merge()

@@ -4,7 +4,8 @@ import math
 
 import pytest
 import torch
-from conftest import BUILDERS, assert_same_model, batch, clone, run, tiny_gpt2, tiny_llama
+from conftest import (BUILDERS, assert_merge_keeps_outputs_and_reverts, assert_same_model, batch, clone, run,
+                      tiny_gpt2, tiny_llama)
 from torch import nn
 
 import surgeon
@@ -101,13 +102,7 @@ def test_merge_equals_unmerged_and_revert_after_merge_is_exact(arch):
     original = clone(model)
     job = surgeon.apply("inject lora r=4 alpha=8 into *.attn.<q,v>", model, seed=0)
     _randomize(job)
-    ids = batch()
-    unmerged = run(model, ids)
-    job.merge()
-    assert all(type(m).__module__.startswith(("torch.", "transformers.")) for m in model.modules())
-    assert (run(model, ids) - unmerged).abs().max() <= 1e-5
-    job.revert()
-    assert_same_model(model, original)
+    assert_merge_keeps_outputs_and_reverts(model, original, job, batch())
 
 
 def test_rslora_and_dropout_and_kaiming_options(llama):
