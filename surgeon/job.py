@@ -28,6 +28,7 @@ from surgeon.planner import Plan, method_of, plan
 from surgeon.revert import check_tensors, revert_surgery
 from surgeon.spec import Spec
 from surgeon.surgery import Surgery, apply_plan
+from surgeon.transaction import transaction
 
 
 class Job:
@@ -144,11 +145,12 @@ class Job:
         stuck = [r.target.path for r, p in surgery.patches if not p.mergeable]
         if stuck:
             raise PlanError(f"cannot merge: {', '.join(stuck[:3])} use methods that are not mergeable")
-        for _, patch in surgery.patches:
-            patch.merge()
-        if requantize:
+        with transaction(surgery.model, surgery.patches):
             for _, patch in surgery.patches:
-                patch.requantize()
+                patch.merge()
+            if requantize:
+                for _, patch in surgery.patches:
+                    patch.requantize()
         merged = [record.model_copy(update={"merged": True}) for record in self.manifest.patches]
         surgery.manifest = self.manifest.model_copy(update={"patches": merged})
         return self.model
@@ -158,10 +160,11 @@ class Job:
         tuning's MLP by the prefix), outputs unchanged; `save()` then stores the folded tensors."""
         surgery = self._live()
         records = list(self.manifest.patches)
-        for index, (_, patch) in enumerate(surgery.patches):
-            if patch.fold():
-                added = {name: tensor_record(p, hashed=False) for name, p in patch.added_parameters().items()}
-                records[index] = records[index].model_copy(update={"folded": True, "added": added})
+        with transaction(surgery.model, surgery.patches):
+            for index, (_, patch) in enumerate(surgery.patches):
+                if patch.fold():
+                    added = {name: tensor_record(p, hashed=False) for name, p in patch.added_parameters().items()}
+                    records[index] = records[index].model_copy(update={"folded": True, "added": added})
         if not any(r.folded for r in records):
             raise PlanError("nothing to fold: no method of this run has a reparameterisation")
         surgery.manifest = self.manifest.model_copy(update={"patches": records})

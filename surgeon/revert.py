@@ -8,6 +8,7 @@ from torch import nn
 from surgeon.errors import RevertError
 from surgeon.manifest import Manifest, TensorRecord, sha256_tensor
 from surgeon.surgery import Surgery, rollback
+from surgeon.transaction import transaction
 
 
 def check_tensors(model: nn.Module, fingerprint: dict[str, TensorRecord]) -> str | None:
@@ -17,11 +18,19 @@ def check_tensors(model: nn.Module, fingerprint: dict[str, TensorRecord]) -> str
     extra = sorted(set(tensors) - set(fingerprint))
     if missing or extra:
         return f"tensors differ: missing {missing[:3]}, extra {extra[:3]}"
+    had_data = any(record.sha256 is not None for record in fingerprint.values())
     for name, record in fingerprint.items():
         tensor = tensors[name]
-        if str(tensor.dtype).removeprefix("torch.") != record.dtype or tuple(tensor.shape) != record.shape:
-            return f"tensor {name} is {str(tensor.dtype).removeprefix('torch.')} {tuple(tensor.shape)}, expected {record.dtype} {record.shape}"
-        if record.sha256 is not None and tensor.device.type != "meta" and sha256_tensor(tensor) != record.sha256:
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if dtype != record.dtype:
+            return (f"tensor {name} is {dtype}, the original was {record.dtype}: the model was cast after "
+                    f"apply; cast it back (model.to(torch.{record.dtype})) and revert again")
+        if tuple(tensor.shape) != record.shape:
+            return f"tensor {name} has shape {tuple(tensor.shape)}, the original had {record.shape}"
+        if tensor.device.type == "meta" and had_data:
+            return (f"tensor {name} is on the meta device and holds no data, so the model cannot be the "
+                    "original; move it back to a real device with its weights first")
+        if record.sha256 is not None and sha256_tensor(tensor) != record.sha256:
             return f"tensor {name} differs from the original (sha256 mismatch)"
     return None
 
@@ -47,14 +56,17 @@ def verify(model: nn.Module, manifest: Manifest) -> None:
 
 def revert_surgery(surgery: Surgery) -> nn.Module:
     """Stage entry: undo every patch (merged ones too), restore trained base tensors, verify.
-    Every patch first proves it can be undone (its originals are readable and unchanged), so a
-    revert that cannot complete changes nothing."""
+    Every patch first proves it can be undone (its originals are readable and unchanged); then the
+    whole revert runs as one transaction, so a revert that fails (verification included) or is
+    interrupted leaves the model patched exactly as it was."""
     for _, patch in surgery.patches:
         patch.check_revertible(surgery.manifest.fingerprint)
-    rollback(surgery.model, surgery.patches, set(surgery.manifest.trainable_before))
-    params = dict(surgery.model.named_parameters())
-    with torch.no_grad():
-        for name, original in surgery.base_originals.items():
-            params[name].copy_(original)
-    verify(surgery.model, surgery.manifest)
+    trained = tuple(p for _, patch in surgery.patches for p in patch.trained_base_parameters().values())
+    with transaction(surgery.model, surgery.patches, values=trained):
+        rollback(surgery.model, surgery.patches, set(surgery.manifest.trainable_before))
+        params = dict(surgery.model.named_parameters())
+        with torch.no_grad():
+            for name, original in surgery.base_originals.items():
+                params[name].copy_(original)
+        verify(surgery.model, surgery.manifest)
     return surgery.model

@@ -17,6 +17,7 @@ from surgeon.errors import ModelLoadError, SurgeonError, SurgeryError
 from surgeon.manifest import Manifest, OriginalsRef, PatchRecord, SourceRef, TensorRecord, tensor_record
 from surgeon.methods.base import ApplyContext, Patch
 from surgeon.planner import Plan, Rewrite, method_of, params_of
+from surgeon.transaction import Snapshot
 
 
 @dataclass
@@ -139,6 +140,7 @@ def apply_plan(plan: Plan, model: nn.Module, *, source: SourceRef, ctx: ApplyCon
     touched = touched_tensor_names(model, plan)
     hashed = None if full_fingerprint else touched
     trainable_before = {name for name, p in model.named_parameters() if p.requires_grad}
+    before = Snapshot(model)
     for param in model.parameters():
         param.requires_grad_(False)
     patches: list[tuple[Rewrite, Patch]] = []
@@ -166,9 +168,12 @@ def apply_plan(plan: Plan, model: nn.Module, *, source: SourceRef, ctx: ApplyCon
         for index in range(len(plan.rewrites)):
             if index not in done:
                 apply_one(index)
-    except Exception as err:
-        rollback(model, patches, trainable_before)
-        if isinstance(err, SurgeonError):
+    except BaseException as err:
+        try:  # the patches undo what they did outside the model (rank budgets); the snapshot the rest
+            rollback(model, patches, trainable_before)
+        finally:
+            before.restore()
+        if isinstance(err, SurgeonError) or not isinstance(err, Exception):
             raise
         failed = plan.rewrites[min(len(patches), len(plan.rewrites) - 1)].target.path
         raise SurgeryError(f"patching {failed} failed ({type(err).__name__}: {err}); "
