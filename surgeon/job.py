@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 import tempfile
@@ -15,10 +16,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from surgeon.errors import ManifestError, PlanError, SurgeonError
+from surgeon.files import write_dir
 from surgeon.graph import build_module_graph
 from surgeon.language import parse_spec, read_spec_text
-from surgeon.manifest import (ADAPTER_FILE, ORIGINALS_DIR, STATE_PREFIX, TRAINED_BASE_PREFIX, Manifest, OriginalsRef,
-                              SourceRef, read_manifest, sha256_file, tensor_record)
+from surgeon.manifest import (ADAPTER_FILE, MANIFEST_FILE, ORIGINALS_DIR, STATE_PREFIX, TRAINED_BASE_PREFIX, Manifest,
+                              OriginalsRef, PatchRecord, SourceRef, originals_folder, read_manifest, sha256_file,
+                              tensor_record)
 from surgeon.methods.base import ApplyContext
 from surgeon.models import (checkpoint_matches, load_model, load_model_skeleton, resolve_device,
                             stream_checkpoint)
@@ -108,16 +111,44 @@ class Job:
     def save(self, run_dir: str | Path, format: Literal["surgeon", "peft"] = "surgeon") -> Path:
         """Write manifest.json and adapters.safetensors (the added and trained tensors) to run_dir;
         with format="peft", PEFT's adapter_config.json + adapter_model.safetensors instead, which
-        `peft.PeftModel.from_pretrained(base, run_dir)` loads."""
+        `peft.PeftModel.from_pretrained(base, run_dir)` loads.
+
+        The directory is written beside and swapped in at once: a crash at any moment leaves the
+        previous run or the new one. An existing directory is replaced only if it holds a run
+        (or a PEFT adapter, for format="peft"); anything else there is refused."""
         surgery = self._live()
         run_dir = Path(run_dir)
+        if format not in ("surgeon", "peft"):
+            raise SurgeonError(f"unknown format '{format}': use 'surgeon' or 'peft'")
+        _check_replaceable(run_dir, MANIFEST_FILE if format == "surgeon" else "adapter_config.json")
         if format == "peft":
             source = self.manifest.source
-            export_peft(surgery.patches, run_dir, source.location if source.kind == "hf" else None, surgery.model)
+            write_dir(run_dir, lambda staging: export_peft(surgery.patches, staging, source.location
+                                                           if source.kind == "hf" else None, surgery.model))
             return run_dir
-        if format != "surgeon":
-            raise SurgeonError(f"unknown format '{format}': use 'surgeon' or 'peft'")
-        run_dir.mkdir(parents=True, exist_ok=True)
+        tensors = self._tensors_to_save()
+        spilled = self.manifest.originals
+        spilled_dir = Path(spilled.location) if spilled.kind == "spilled" and spilled.location else None
+        written: list[Manifest] = []
+
+        def write(staging: Path) -> None:
+            save_file(tensors, str(staging / ADAPTER_FILE))
+            (staging / "spec.peft").write_text(self.manifest.spec_text, encoding="utf-8")
+            update: dict[str, object] = {"adapter_sha256": sha256_file(staging / ADAPTER_FILE)}
+            if spilled_dir is not None and spilled_dir.is_dir():
+                shutil.copytree(spilled_dir, staging / ORIGINALS_DIR)
+                update["originals"] = spilled.model_copy(update={"location": ORIGINALS_DIR})
+            elif spilled_dir is not None:  # nothing was spilled: the run needs no originals
+                update["originals"] = OriginalsRef()
+            written.append(self.manifest.model_copy(update=update))
+            written[0].write(staging)
+
+        write_dir(run_dir, write)
+        surgery.manifest = written[0].model_copy(update={"originals": spilled})
+        return run_dir
+
+    def _tensors_to_save(self) -> dict[str, torch.Tensor]:
+        surgery = self._live()
         tensors = {name: p.detach().contiguous().cpu() for name, p in self.added_tensors().items()}
         for index, (_, patch) in enumerate(surgery.patches):
             for name, param in patch.trained_base_parameters().items():
@@ -126,17 +157,7 @@ class Job:
                 tensors[f"{STATE_PREFIX}{index}::{name}"] = tensor.detach().contiguous().cpu()
         if any(t.device.type == "meta" for t in tensors.values()):
             raise SurgeonError("the model is on the meta device: there are no weights to save")
-        save_file(tensors, str(run_dir / ADAPTER_FILE))
-        (run_dir / "spec.peft").write_text(self.manifest.spec_text)
-        update: dict[str, object] = {"adapter_sha256": sha256_file(run_dir / ADAPTER_FILE)}
-        spilled = self.manifest.originals
-        if spilled.kind == "spilled" and spilled.location and Path(spilled.location).is_dir():
-            shutil.copytree(spilled.location, run_dir / ORIGINALS_DIR, dirs_exist_ok=True)
-            update["originals"] = spilled.model_copy(update={"location": ORIGINALS_DIR})
-        written = self.manifest.model_copy(update=update)
-        written.write(run_dir)
-        surgery.manifest = written.model_copy(update={"originals": spilled})
-        return run_dir
+        return tensors
 
     def merge(self, requantize: bool = False) -> nn.Module:
         """Fold every delta into the base weights; the model becomes plain (with `requantize`,
@@ -177,6 +198,15 @@ class Job:
         return model
 
 
+def _check_replaceable(run_dir: Path, marker: str) -> None:
+    """A save replaces a directory whole: only an empty one, or one holding what it writes."""
+    if run_dir.is_file() or run_dir.is_symlink():
+        raise SurgeonError(f"{run_dir} is a file, not a directory; choose another place to save")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / marker).is_file():
+        raise SurgeonError(f"{run_dir} exists and holds something other than a saved run (no {marker}); "
+                           "a save replaces the whole directory, so choose a new or empty one")
+
+
 _SAID: set[str] = set()
 
 
@@ -215,11 +245,10 @@ def apply(spec: str | Path | Spec, model: nn.Module, *, seed: int | None = None,
     a fresh folder in the temp directory; `job.save()` copies it into the run), unless `source`
     names the checkpoint they can be re-read from."""
     the_plan = check(spec, model)
-    if seed is not None:
-        torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None  # the global RNG stays the caller's
     source = source or SourceRef(kind="memory")
     originals, ref = _originals_for(source, originals_dir)
-    surgery = apply_plan(the_plan, model, source=source, ctx=ApplyContext(originals=originals),
+    surgery = apply_plan(the_plan, model, source=source, ctx=ApplyContext(originals=originals, generator=generator),
                          full_fingerprint=full_fingerprint, originals_ref=ref)
     return Job(surgery)
 
@@ -241,11 +270,10 @@ def apply_checkpoint(spec: str | Path | Spec, model_ref: str, *, seed: int | Non
             model.to(device)
         return apply(the_plan.spec, model, seed=seed, source=source, full_fingerprint=full_fingerprint)
     del skeleton
-    if seed is not None:
-        torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None  # the global RNG stays the caller's
     model = load_model_skeleton(Path(model_ref))
     originals, ref = _originals_for(source, None)
-    surgery = apply_plan(the_plan, model, source=source, ctx=ApplyContext(originals=originals),
+    surgery = apply_plan(the_plan, model, source=source, ctx=ApplyContext(originals=originals, generator=generator),
                          full_fingerprint=full_fingerprint, stream=stream_checkpoint(Path(model_ref)),
                          originals_ref=ref, device=device)
     return Job(surgery)
@@ -259,7 +287,11 @@ def _read_adapters(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def load(run_dir: str | Path, model: nn.Module) -> Job:
-    """Re-apply a saved run to a fresh copy of its base model, weights included."""
+    """Re-apply a saved run to a fresh copy of its base model, weights included.
+
+    The run is untrusted input: the plan is recomputed from its spec against `model`, and the
+    manifest's patch records and the tensors in adapters.safetensors must be exactly what that
+    plan makes; anything else is a ManifestError and the model is left as it was."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     problem = check_tensors(model, manifest.fingerprint)
@@ -268,18 +300,19 @@ def load(run_dir: str | Path, model: nn.Module) -> Job:
     spec = parse_spec(manifest.spec_text, manifest.spec_source)
     tensors = _read_adapters(run_dir)
     ref = manifest.originals
-    if ref.kind == "spilled" and ref.location and not Path(ref.location).is_absolute():
-        ref = ref.model_copy(update={"location": str((run_dir / ref.location).resolve())})
+    if ref.kind == "spilled":
+        ref = ref.model_copy(update={"location": str(originals_folder(run_dir, manifest))})
     ctx = ApplyContext(init=False, originals=originals_for(ref.kind, ref.location))
-    surgery = apply_plan(plan(spec, build_module_graph(model)), model, source=manifest.source, ctx=ctx,
-                         originals_ref=ref)
+    the_plan = plan(spec, build_module_graph(model))
+    _check_records(run_dir, manifest.patches, the_plan)
+    surgery = apply_plan(the_plan, model, source=manifest.source, ctx=ctx, originals_ref=ref)
     job = Job(surgery)
-    for record, (_, patch) in zip(manifest.patches, surgery.patches):
-        if record.folded:  # the run holds the folded tensors: fold before filling them in
-            patch.fold()
     try:
+        for record, (_, patch) in zip(manifest.patches, surgery.patches):
+            if record.folded:  # the run holds the folded tensors: fold before filling them in
+                patch.fold()
         _fill(job, tensors)
-    except Exception:
+    except BaseException:
         job.revert()
         raise
     # the stored manifest, but this model's own requires_grad flags are what revert restores
@@ -289,6 +322,29 @@ def load(run_dir: str | Path, model: nn.Module) -> Job:
         if record.merged:
             patch.merge()
     return job
+
+
+def _check_records(run_dir: Path, records: list[PatchRecord], the_plan: Plan) -> None:
+    """The manifest's patches must be the plan its own spec gives on this model, one for one (in
+    any order: a streamed apply patches modules in checkpoint order)."""
+    where = run_dir / MANIFEST_FILE
+    planned = {(f"{r.verb} {r.method}", r.target.path, r.label): r for r in the_plan.rewrites}
+    if len(records) != len(planned):
+        raise ManifestError(f"{where} lists {len(records)} patches, but its spec plans {len(planned)} on this model")
+    for index, record in enumerate(records):
+        rewrite = planned.pop((record.method, record.target, record.name), None)
+        if rewrite is None:
+            raise ManifestError(f"{where}: patch {index} ('{record.method}' on '{record.target}') is not in the "
+                                "plan its spec gives on this model")
+        slices = {k: list(v) for k, v in rewrite.target.slices.items()}
+        params = json.loads(json.dumps(rewrite.params, default=str))
+        found = record.model_dump(mode="json", include={"slices", "params"})
+        if found != {"slices": slices, "params": params}:
+            raise ManifestError(f"{where}: patch {index} ({record.target}) records other slices or parameters "
+                                "than its spec gives")
+        if not record.folded and set(record.added) != set(rewrite.added):
+            raise ManifestError(f"{where}: patch {index} ({record.target}) adds {sorted(record.added)}, but "
+                                f"its spec adds {sorted(rewrite.added)}")
 
 
 def import_peft(peft_dir: str | Path, model_ref: str, run_dir: str | Path | None = None,
@@ -313,19 +369,21 @@ def import_peft(peft_dir: str | Path, model_ref: str, run_dir: str | Path | None
 
 def _fill(job: Job, tensors: dict[str, torch.Tensor]) -> None:
     states: dict[int, dict[str, torch.Tensor]] = {}
+    patches = job._surgery.patches
     for key in [k for k in tensors if k.startswith(STATE_PREFIX)]:
         index, _, name = key.removeprefix(STATE_PREFIX).partition("::")
+        if not index.isdigit() or int(index) >= len(patches) or not name:
+            raise ManifestError(f"{ADAPTER_FILE} holds '{key}', which is no patch state of this run")
         states.setdefault(int(index), {})[name] = tensors.pop(key)
-    if any(index >= len(job._surgery.patches) for index in states):
-        raise ManifestError(f"{ADAPTER_FILE} holds state for patches the run does not have")
     for index, state in states.items():
-        job._surgery.patches[index][1].load_saved_state(state)
+        patches[index][1].load_saved_state(state)
     targets = job.added_tensors()
-    for _, patch in job._surgery.patches:
+    for _, patch in patches:
         targets.update({TRAINED_BASE_PREFIX + n: p for n, p in patch.trained_base_parameters().items()})
-    if set(targets) != set(tensors):
-        missing = sorted(set(targets) - set(tensors))
-        raise ManifestError(f"{ADAPTER_FILE} does not hold the run's tensors (missing {missing[:3]})")
+    missing, unexpected = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
+    if missing or unexpected:
+        listed = [f"{label} {names[:3]}" for label, names in (("missing", missing), ("unexpected", unexpected)) if names]
+        raise ManifestError(f"{ADAPTER_FILE} does not hold exactly the run's tensors: {'; '.join(listed)}")
     with torch.no_grad():
         for name, param in targets.items():
             if tuple(tensors[name].shape) != tuple(param.shape):

@@ -1,13 +1,22 @@
 """The manifest: everything needed to re-apply a run or to prove that revert gave the original back.
 
 It is a pydantic model written as manifest.json beside the added weights (adapters.safetensors).
-An `integrity` field holds the sha256 of the rest of the manifest, so an edited manifest is caught.
+A run directory is untrusted input (it travels: shared adapters, CI artifacts), so reading one is
+strict: unknown fields are refused, every path it names must lie inside the run, and nothing it
+names is ever executed (a factory source is a hint the user must repeat on the command line).
+
+`checksum` is the sha256 of the rest of the manifest. It catches accidental edits and corruption,
+not tampering: anyone can recompute it. For runs that must come from a trusted writer, set
+SURGEON_RUN_KEY: surgeon then signs what it writes with HMAC-SHA256 under that key, and refuses to
+read any run that is not signed with it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from surgeon.errors import ManifestError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+RUN_KEY_VARIABLE = "SURGEON_RUN_KEY"
 MANIFEST_FILE = "manifest.json"
 ADAPTER_FILE = "adapters.safetensors"
 TRAINED_BASE_PREFIX = "trained_base::"
@@ -25,7 +35,7 @@ ORIGINALS_DIR = "originals"
 
 
 class TensorRecord(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
     dtype: str
     shape: tuple[int, ...]
     sha256: str | None = None  # None: not hashed (not touched, or on the meta device)
@@ -34,7 +44,7 @@ class TensorRecord(BaseModel):
 class SourceRef(BaseModel):
     """Where the base model came from, so revert and merge can read the originals again."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
     kind: Literal["hf", "factory", "memory"]
     location: str | None = None  # a directory, or package.module:factory
     checkpoint: str | None = None  # safetensors weights for a factory model
@@ -43,12 +53,13 @@ class SourceRef(BaseModel):
 class OriginalsRef(BaseModel):
     """Where replaced originals can be read back (see surgeon/originals.py)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
     kind: Literal["none", "checkpoint", "spilled"] = "none"
     location: str | None = None  # a checkpoint directory, or a folder (relative: inside the run)
 
 
 class PatchRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     method: str  # "inject lora"
     name: str | None = None  # the statement's `as NAME`
     target: str
@@ -63,7 +74,8 @@ class PatchRecord(BaseModel):
 
 
 class Manifest(BaseModel):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    model_config = ConfigDict(extra="forbid")
+    schema_version: Literal[2] = SCHEMA_VERSION
     spec_text: str
     spec_source: str
     spec_sha256: str
@@ -75,18 +87,70 @@ class Manifest(BaseModel):
     patches: list[PatchRecord]
     originals: OriginalsRef = Field(default_factory=OriginalsRef)
     adapter_sha256: str | None = None
-    integrity: str | None = None
+    checksum_kind: Literal["sha256", "hmac-sha256"] = "sha256"
+    checksum: str | None = None
 
     def sealed(self) -> Manifest:
-        return self.model_copy(update={"integrity": _digest(self)})
+        key = _run_key()
+        kind = "hmac-sha256" if key else "sha256"
+        unsealed = self.model_copy(update={"checksum_kind": kind})
+        return unsealed.model_copy(update={"checksum": _digest(unsealed, key)})
 
     def write(self, run_dir: Path) -> None:
         (run_dir / MANIFEST_FILE).write_text(self.sealed().model_dump_json(indent=2) + "\n")
 
 
-def _digest(manifest: Manifest) -> str:
-    body = manifest.model_dump(mode="json", exclude={"integrity"})
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+def _run_key() -> bytes | None:
+    key = os.environ.get(RUN_KEY_VARIABLE)
+    return key.encode() if key else None
+
+
+def _digest(manifest: Manifest, key: bytes | None) -> str:
+    body = json.dumps(manifest.model_dump(mode="json", exclude={"checksum"}), sort_keys=True).encode()
+    if key is not None:
+        return hmac.new(key, body, hashlib.sha256).hexdigest()
+    return hashlib.sha256(body).hexdigest()
+
+
+def _check_checksum(manifest: Manifest, path: Path) -> None:
+    key = _run_key()
+    if key is None and manifest.checksum_kind == "hmac-sha256":
+        raise ManifestError(f"{path} is signed with a key: set {RUN_KEY_VARIABLE} to the key it was written with")
+    if key is not None and manifest.checksum_kind != "hmac-sha256":
+        raise ManifestError(f"{path} is not signed, and {RUN_KEY_VARIABLE} is set, so only runs signed with "
+                            "that key are read")
+    if not hmac.compare_digest(manifest.checksum or "", _digest(manifest, key)):
+        if key is not None:
+            raise ManifestError(f"{path} is not signed with this {RUN_KEY_VARIABLE} (wrong key, or edited)")
+        raise ManifestError(f"{path} was edited or corrupted after surgeon wrote it (checksum mismatch)")
+
+
+def _inside(run_dir: Path, location: str, what: str) -> Path:
+    """`location` as a path inside the run directory, or ManifestError: a run names no path outside
+    itself (no absolute paths, no '..', no symlink that leads out)."""
+    relative = Path(location)
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        raise ManifestError(f"{run_dir / MANIFEST_FILE}: {what} '{location}' is not a path inside the run directory")
+    root = run_dir.resolve()
+    resolved = (root / relative).resolve()
+    if not resolved.is_relative_to(root):
+        raise ManifestError(f"{run_dir / MANIFEST_FILE}: {what} '{location}' leads outside the run directory "
+                            "(a symlink)")
+    return resolved
+
+
+def _check_originals(run_dir: Path, manifest: Manifest) -> None:
+    ref = manifest.originals
+    if ref.kind == "spilled":
+        originals_folder(run_dir, manifest)
+    elif ref.kind == "checkpoint" and (manifest.source.kind != "hf" or ref.location != manifest.source.location):
+        raise ManifestError(f"{run_dir / MANIFEST_FILE}: the originals of a run are read from its source "
+                            f"checkpoint, but it names '{ref.location}', which is not that checkpoint")
+
+
+def originals_folder(run_dir: Path, manifest: Manifest) -> Path:
+    """The run's folder of spilled originals, which must lie inside the run directory."""
+    return _inside(run_dir, manifest.originals.location or "", "the originals folder")
 
 
 def sha256_tensor(tensor: torch.Tensor) -> str | None:
@@ -122,8 +186,8 @@ def read_manifest(run_dir: Path) -> Manifest:
         first = err.errors()[0] if isinstance(err, ValidationError) else {"loc": (), "msg": str(err)}
         where = ".".join(str(p) for p in first["loc"])
         raise ManifestError(f"{path} is corrupt: {where + ': ' if where else ''}{first['msg']}") from None
-    if manifest.integrity != _digest(manifest):
-        raise ManifestError(f"{path} was edited after surgeon wrote it (integrity check failed)")
+    _check_checksum(manifest, path)
+    _check_originals(Path(run_dir), manifest)
     if hashlib.sha256(manifest.spec_text.encode()).hexdigest() != manifest.spec_sha256:
         raise ManifestError(f"{path}: the spec text does not match its sha256")
     adapters = Path(run_dir) / ADAPTER_FILE

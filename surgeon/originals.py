@@ -52,8 +52,11 @@ class CheckpointOriginals:
 
 
 class SpilledOriginals:
-    def __init__(self, folder: str | Path) -> None:
+    """`read_only`: the folder belongs to a saved run, which surgeon reads and never writes."""
+
+    def __init__(self, folder: str | Path, read_only: bool = False) -> None:
         self.location = str(Path(folder).resolve())
+        self.read_only = read_only
 
     def _path(self, name: str) -> Path:
         return Path(self.location) / (re.sub(r"[^A-Za-z0-9_.\-]", "_", name) + ".safetensors")
@@ -61,6 +64,8 @@ class SpilledOriginals:
     def keep(self, name: str, tensor: torch.Tensor) -> None:
         if self._path(name).is_file():  # re-applying a saved run: its originals are already here
             return
+        if self.read_only:
+            raise RevertError(f"the run's originals folder {self.location} does not hold the original of {name}")
         Path(self.location).mkdir(parents=True, exist_ok=True)
         save_file({name: tensor.detach().contiguous().cpu()}, str(self._path(name)))
 
@@ -93,9 +98,10 @@ def checkpoint_index(model_dir: Path) -> dict[str, Path]:
 
 
 def originals_for(kind: str, location: str | None) -> Originals | None:
-    """The store a manifest's `originals` entry names."""
+    """The store a saved run's `originals` entry names (already checked to lie inside the run, or
+    to be its source checkpoint); read only."""
     if kind == "checkpoint" and location:
         return CheckpointOriginals(location)
     if kind == "spilled" and location:
-        return SpilledOriginals(location)
+        return SpilledOriginals(location, read_only=True)
     return None

@@ -143,7 +143,7 @@ def test_edited_manifest(applied):
     manifest = json.loads((applied / "run" / "manifest.json").read_text())
     manifest["patches"][0]["params"]["r"] = 4
     (applied / "run" / "manifest.json").write_text(json.dumps(manifest))
-    _revert_fails(applied, "was edited after surgeon wrote it")
+    _revert_fails(applied, "was edited or corrupted after surgeon wrote it")
 
 
 def test_tampered_adapters(applied):

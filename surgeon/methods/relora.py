@@ -29,7 +29,7 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
-from surgeon.errors import SurgeonError
+from surgeon.errors import ManifestError, SurgeonError
 from surgeon.methods.base import ApplyContext, Method, MethodParams, Patch, Target, locate, register
 from surgeon.methods.lora import Lora, LoraLinear, LoraParams, compute_dtype_device, init_lora_a, LoraPatch
 
@@ -134,6 +134,12 @@ class ReLoraPatch(LoraPatch):
         return state | {"restarts": torch.tensor([self.restarts, self.last_restart or 0])}
 
     def load_saved_state(self, state: dict[str, torch.Tensor]) -> None:
+        own = {name: p for name, p in self.original._parameters.items() if p is not None}
+        for key, tensor in state.items():  # a saved run is untrusted: only this patch's own state fits
+            name = key.removeprefix("base.")
+            shape = (2,) if key == "restarts" else tuple(own[name].shape) if key.startswith("base.") and name in own else None
+            if shape is None or tuple(tensor.shape) != shape:
+                raise ManifestError(f"the run's saved state '{key}' {tuple(tensor.shape)} does not fit this ReLoRA patch")
         with torch.no_grad():
             for key, tensor in state.items():
                 if not key.startswith("base."):
@@ -184,7 +190,7 @@ class ReLora(Method):
         assert isinstance(params, ReLoraParams)
         parent, attr, original = locate(model, target.path)
         init = ctx.init and compute_dtype_device(original)[1].type != "meta"
-        wrapper = LoraLinear(original, target, params, init)
+        wrapper = LoraLinear(original, target, params, init, ctx.generator)
         patch = ReLoraPatch(parent, attr, original, wrapper, params, target.path)
         if patch.bias_name:
             original.bias.requires_grad_(True)
