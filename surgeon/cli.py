@@ -6,9 +6,7 @@ import functools
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +21,7 @@ from torch import nn
 
 from surgeon.bnb_format import check_bnb_4bit, save_bnb_4bit
 from surgeon.errors import SurgeonError, did_you_mean
+from surgeon.files import same_or_nested, write_dir
 from surgeon.graph import ModuleGraph, build_module_graph, dtype_size
 from surgeon.job import apply_checkpoint
 from surgeon.job import Job, import_peft, load
@@ -206,26 +205,25 @@ def check(
         _print_plan(summary)
 
 
-def _fresh_out(path: Path, force: bool) -> None:
+def _fresh_out(path: Path, force: bool, *inputs: Path | str | None) -> None:
+    """--out must be new or empty (or --force), and must not be, hold or lie inside what is read."""
+    for given in inputs:
+        if given is not None and not _is_factory_ref(str(given)) and same_or_nested(path, Path(given)):
+            raise SurgeonError(f"--out {path} is, holds or lies inside {given}, which this command reads; "
+                               "choose an --out elsewhere")
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         if not force:
             raise SurgeonError(f"{path} already exists and is not empty; choose another --out or pass --force")
 
 
-@contextmanager
-def _staged(final: Path, force: bool) -> Iterator[Path]:
-    """Write into a temporary folder beside `final` and move it in place only when all went well."""
-    _fresh_out(final, force)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if final.exists():
-        shutil.rmtree(final) if final.is_dir() else final.unlink()
-    staging.rename(final)
+def _is_factory_ref(ref: str) -> bool:
+    return ":" in ref and not os.path.exists(ref)
+
+
+def _write_out(final: Path, write: Callable[[Path], Any]) -> None:
+    """Write into a sibling folder and swap it in at once: --out appears whole or not at all, and
+    a replaced --out stays whole until the new one stands."""
+    write_dir(final, write)
 
 
 @app.command("apply")
@@ -244,12 +242,11 @@ def apply_command(
     """Patch MODEL as SPEC says and write the run: manifest.json + adapters.safetensors."""
     text, source = read_spec_text(spec)
     parsed = parse_spec(text, source)
-    _fresh_out(out_dir, force)
+    _fresh_out(out_dir, force, model, checkpoint)
     with _status("loading and patching the model", as_json):
         job = apply_checkpoint(parsed, model, seed=seed, checkpoint=checkpoint, full_fingerprint=full_fingerprint,
                                device=device)
-    with _staged(out_dir, force) as staging:
-        job.save(staging)
+    _write_out(out_dir, job.save)
     summary = _plan_json(job.plan) | {"run": str(out_dir)}
     if as_json:
         print(json.dumps(summary))
@@ -258,37 +255,55 @@ def apply_command(
     out.print(f"wrote {out_dir}/manifest.json and {out_dir}/adapters.safetensors")
 
 
+ModelOpt = Annotated[str | None, typer.Option(
+    "--model", help="the base model (HF directory or package.module:factory); default: the HF directory the "
+                    "run records. A factory is run only when named here")]
+
+
 @app.command()
 @user_errors
 def revert(
     run: Annotated[Path, typer.Argument(help="a run directory written by 'surgeon apply' or job.save()")],
     out_dir: Annotated[Path, typer.Option("--out", help="directory for the original model")],
+    model: ModelOpt = None,
+    checkpoint: CheckpointOpt = None,
+    verify_all: Annotated[bool, typer.Option("--verify-all", help="refuse unless every tensor is checked by "
+                                                                  "sha256 (needs a run made with --full-fingerprint)")] = False,
     force: Annotated[bool, typer.Option(help="replace a non-empty --out")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Write the original model back, bit-identical to the source, verified by the manifest's hashes."""
-    manifest = _rerun_and_write(run, out_dir, force, as_json, "re-applying and reverting", Job.revert)
+    if verify_all and not read_manifest(run).fingerprint_full:
+        raise SurgeonError(f"{run} hashed only the tensors it changed at apply, so --verify-all cannot check "
+                           "the others; re-create the run with --full-fingerprint")
+    manifest = _rerun_and_write(run, out_dir, force, as_json, "re-applying and reverting", Job.revert, model=model,
+                                checkpoint=checkpoint)
     hashed = sum(1 for r in manifest.fingerprint.values() if r.sha256)
+    rest = len(manifest.fingerprint) - hashed
     if as_json:
-        print(json.dumps({"ok": True, "out": str(out_dir), "tensors": len(manifest.fingerprint), "hashed": hashed}))
+        print(json.dumps({"ok": True, "out": str(out_dir), "tensors": len(manifest.fingerprint), "hashed": hashed,
+                          "checked_by_shape": rest}))
         return
-    out.print(f"reverted {len(manifest.patches)} patches; {len(manifest.fingerprint)} tensors match the "
-              f"original ({hashed} by sha256); wrote {out_dir}")
+    unhashed = (f"; the other {rest} were not changed by the run and are checked by name, dtype and shape, "
+                "read from source files unchanged since apply" if rest else "")
+    out.print(f"reverted {len(manifest.patches)} patches; {hashed} tensors verified by sha256{unhashed}; "
+              f"wrote {out_dir}")
 
 
 def _rerun_and_write(run: Path, out_dir: Path, force: bool, as_json: bool, doing: str,
                      finish: Callable[[Job], Any],
-                     write: Callable[[Any, Path], None] = save_base_model) -> Manifest:
-    """Read the run's source model again, re-apply the run, `finish` it, `write` the result to
-    out_dir (staged: out_dir appears only when all went well)."""
+                     write: Callable[[Any, Path], None] = save_base_model, *, model: str | None = None,
+                     checkpoint: str | None = None) -> Manifest:
+    """Read the run's source model again (or the one the user names), re-apply the run, `finish`
+    it, `write` the result to out_dir (staged: out_dir appears only when all went well)."""
     manifest = read_manifest(run)
-    _fresh_out(out_dir, force)
+    source = manifest.source.location if manifest.source.kind == "hf" else None
+    _fresh_out(out_dir, force, run, model or source, checkpoint)
     with _status("reading the source model", as_json):
-        model = reload_source(manifest.source)
+        base = reload_source(manifest.source, model, checkpoint, full_fingerprint=manifest.fingerprint_full)
     with _status(doing, as_json):
-        result = finish(load(run, model))
-    with _staged(out_dir, force) as staging:
-        write(result, staging)
+        result = finish(load(run, base))
+    _write_out(out_dir, lambda staging: write(result, staging))
     return manifest
 
 
@@ -299,6 +314,8 @@ def merge(
     out_dir: Annotated[Path, typer.Option("--out", help="directory for the merged checkpoint")],
     requantize: Annotated[bool, typer.Option(help="quantize the merged layers again and write bitsandbytes' "
                                                   "4-bit format (transformers loads it with bitsandbytes)")] = False,
+    model: ModelOpt = None,
+    checkpoint: CheckpointOpt = None,
     force: Annotated[bool, typer.Option(help="replace a non-empty --out")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -320,7 +337,8 @@ def merge(
         return merged
 
     write = save_bnb_4bit if requantize else save_base_model
-    manifest = _rerun_and_write(run, out_dir, force, as_json, "merging", merge_and_compare, write)
+    manifest = _rerun_and_write(run, out_dir, force, as_json, "merging", merge_and_compare, write, model=model,
+                                checkpoint=checkpoint)
     if as_json:
         print(json.dumps({"ok": True, "out": str(out_dir), "merged": len(manifest.patches),
                           "requantized": requantize} | report))
@@ -336,6 +354,8 @@ def merge(
 def fold(
     run: Annotated[Path, typer.Argument(help="a run directory")],
     out_dir: Annotated[Path, typer.Option("--out", help="run directory to write, with the folded tensors")],
+    model: ModelOpt = None,
+    checkpoint: CheckpointOpt = None,
     force: Annotated[bool, typer.Option(help="replace a non-empty --out")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -345,7 +365,8 @@ def fold(
         job.fold()
         return job
 
-    _rerun_and_write(run, out_dir, force, as_json, "folding", fold_job, lambda job, path: job.save(path))
+    _rerun_and_write(run, out_dir, force, as_json, "folding", fold_job, lambda job, path: job.save(path),
+                     model=model, checkpoint=checkpoint)
     folded = sum(r.folded for r in read_manifest(out_dir).patches)
     if as_json:
         print(json.dumps({"ok": True, "run": str(out_dir), "folded": folded}))
@@ -359,6 +380,8 @@ def export(
     run: Annotated[Path, typer.Argument(help="a run directory")],
     out_dir: Annotated[Path, typer.Option("--out", help="directory for the exported adapter")],
     format: Annotated[str, typer.Option("--format", help="the target format: peft")] = "peft",
+    model: ModelOpt = None,
+    checkpoint: CheckpointOpt = None,
     force: Annotated[bool, typer.Option(help="replace a non-empty --out")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -371,7 +394,7 @@ def export(
     if format != "peft":
         raise SurgeonError(f"unknown format '{format}': the only export format is 'peft'")
     _rerun_and_write(run, out_dir, force, as_json, "exporting", lambda job: job,
-                     lambda job, path: job.save(path, format="peft"))
+                     lambda job, path: job.save(path, format="peft"), model=model, checkpoint=checkpoint)
     config = json.loads((out_dir / "adapter_config.json").read_text())
     modules = config.get("target_modules")  # none for prompt learning: one top-level prompt
     if as_json:
@@ -394,11 +417,10 @@ def import_command(
 ) -> None:
     """Turn a PEFT adapter into a surgeon run: a .peft spec that says the same thing, the weights
     and a manifest, which `surgeon.load(RUN, model)` applies."""
-    _fresh_out(out_dir, force)
+    _fresh_out(out_dir, force, peft_dir, model, checkpoint)
     with _status("importing", as_json):
         job = import_peft(peft_dir, model, checkpoint=checkpoint)
-        with _staged(out_dir, force) as staging:
-            job.save(staging)
+        _write_out(out_dir, job.save)
     if as_json:
         print(json.dumps({"ok": True, "run": str(out_dir), "spec": job.manifest.spec_text}))
         return

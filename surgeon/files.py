@@ -104,6 +104,7 @@ def write_dir(final: Path, write: Callable[[Path], None]) -> Path:
         raise _fail("write", final, problem) from None
     try:
         write(staging)
+        _apply_umask(staging)
         _swap_in(staging, final)
     except BaseException as problem:
         shutil.rmtree(staging, ignore_errors=True)
@@ -111,6 +112,14 @@ def write_dir(final: Path, write: Callable[[Path], None]) -> Path:
             raise _fail("write", final, problem) from None
         raise
     return final
+
+
+def _apply_umask(staging: Path) -> None:
+    """Files as the user's umask allows (some writers, safetensors among them, create 0600)."""
+    mask = _umask()
+    for path in staging.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _swap_in(staging: Path, final: Path) -> None:

@@ -7,6 +7,7 @@ import shutil
 import warnings
 import tempfile
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,9 +38,12 @@ from surgeon.transaction import transaction
 class Job:
     """A patched model and everything needed to train, save, merge and revert it."""
 
-    def __init__(self, surgery: Surgery) -> None:
+    def __init__(self, surgery: Surgery, scratch: Path | None = None) -> None:
         self._surgery = surgery
         self._reverted = False
+        # a temporary folder of spilled originals lives as long as the job needs it: removed on
+        # revert, when the job is garbage-collected, or at exit (`save` copies it into the run)
+        self._scratch = weakref.finalize(self, shutil.rmtree, str(scratch), True) if scratch else None
 
     @property
     def model(self) -> nn.Module:
@@ -195,6 +199,8 @@ class Job:
         """Give the original model back, bit-exact, verified against the manifest's fingerprint."""
         model = revert_surgery(self._live())
         self._reverted = True
+        if self._scratch is not None:
+            self._scratch()
         return model
 
 
@@ -248,9 +254,15 @@ def apply(spec: str | Path | Spec, model: nn.Module, *, seed: int | None = None,
     generator = torch.Generator().manual_seed(seed) if seed is not None else None  # the global RNG stays the caller's
     source = source or SourceRef(kind="memory")
     originals, ref = _originals_for(source, originals_dir)
-    surgery = apply_plan(the_plan, model, source=source, ctx=ApplyContext(originals=originals, generator=generator),
-                         full_fingerprint=full_fingerprint, originals_ref=ref)
-    return Job(surgery)
+    scratch = Path(originals.location) if originals_dir is None and isinstance(originals, SpilledOriginals) else None
+    try:
+        surgery = apply_plan(the_plan, model, source=source, ctx=ApplyContext(originals=originals, generator=generator),
+                             full_fingerprint=full_fingerprint, originals_ref=ref)
+    except BaseException:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return Job(surgery, scratch)
 
 
 def apply_checkpoint(spec: str | Path | Spec, model_ref: str, *, seed: int | None = None,

@@ -41,13 +41,24 @@ class TensorRecord(BaseModel):
     sha256: str | None = None  # None: not hashed (not touched, or on the meta device)
 
 
+class FileStamp(BaseModel):
+    """A source file as it was at apply: cheap to take, and a changed tensor byte changes the mtime."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    size: int
+    mtime_ns: int
+    header_sha256: str  # of a safetensors file's header (names, dtypes, shapes, offsets); of a JSON file whole
+
+
 class SourceRef(BaseModel):
-    """Where the base model came from, so revert and merge can read the originals again."""
+    """Where the base model came from, so revert and merge can read the originals again. For a
+    factory this is a hint only: surgeon runs a factory only when the user names it."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     kind: Literal["hf", "factory", "memory"]
     location: str | None = None  # a directory, or package.module:factory
     checkpoint: str | None = None  # safetensors weights for a factory model
+    files: dict[str, FileStamp] = Field(default_factory=dict)  # the directory's weight and config files
 
 
 class OriginalsRef(BaseModel):

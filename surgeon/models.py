@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
 from surgeon.errors import ModelLoadError
-from surgeon.manifest import SourceRef
+from surgeon.manifest import FileStamp, SourceRef
 from surgeon.originals import checkpoint_index
 
 
@@ -27,23 +27,34 @@ def _hf_class(model_dir: Path) -> type:
     import transformers
 
     try:
-        config = json.loads((model_dir / "config.json").read_text())
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot read {model_dir / 'config.json'}: {err}") from None
-    for name in config.get("architectures") or []:
-        if hasattr(transformers, name):
-            return getattr(transformers, name)
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{model_dir / 'config.json'} is not a JSON object")
+    names = config.get("architectures") or []
+    for name in names if isinstance(names, list) else []:
+        # only a model class: config.json is data and must not pick an arbitrary transformers callable
+        found = getattr(transformers, name, None) if isinstance(name, str) else None
+        if isinstance(found, type) and issubclass(found, transformers.PreTrainedModel):
+            return found
     return transformers.AutoModel
 
 
 def _load_factory(ref: str, checkpoint: str | None, meta: bool) -> nn.Module:
+    """Import and call `package.module:factory`. Only ever for a factory the user named, never one
+    a run directory names: importing runs code."""
     module_name, _, attr = ref.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
+    except (ImportError, AttributeError, ValueError) as err:
         raise ModelLoadError(f"cannot import model factory '{ref}': {err}") from None
-    with torch.device("meta") if meta else torch.device("cpu"):
-        model = factory()
+    try:
+        with torch.device("meta") if meta else torch.device("cpu"):
+            model = factory()
+    except Exception as err:  # the user's code: any failure is theirs to read, in one line
+        raise ModelLoadError(f"calling the model factory '{ref}' failed ({type(err).__name__}: {err}); "
+                             "a factory is called with no arguments and returns an nn.Module") from None
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"'{ref}' returned a {type(model).__name__}, not a torch.nn.Module")
     if checkpoint and not meta:
@@ -58,26 +69,47 @@ def _load_factory(ref: str, checkpoint: str | None, meta: bool) -> nn.Module:
     return model
 
 
+# Weight files that are pickles: loading one can run arbitrary code, so surgeon reads none of them.
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def _refuse_pickles(model_dir: Path) -> None:
+    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in _PICKLE_SUFFIXES and p.is_file())
+    if pickles:
+        raise ModelLoadError(f"{model_dir / pickles[0]} is a pickle, which can run code when it is loaded; "
+                             "surgeon reads only safetensors. Convert it (or move it out of the folder) first")
+
+
+def _check_safetensors(model_dir: Path, required: bool) -> None:
+    """Every safetensors file (and the shard index) is readable: a clear error before transformers
+    meets a truncated or corrupt one. Planning on the meta device needs no weights (`required`)."""
+    weights = sorted(model_dir.glob("*.safetensors"))
+    if not weights and required:
+        raise ModelLoadError(f"{model_dir} has no .safetensors weights")
+    for path in weights:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except (OSError, SafetensorError, ValueError) as err:
+            raise ModelLoadError(f"cannot read checkpoint {path}: not a valid safetensors file ({err})") from None
+    if weights:
+        checkpoint_index(model_dir)
+
+
 def _load_hf(model_dir: Path, meta: bool) -> nn.Module:
     from transformers import AutoConfig
 
     if not (model_dir / "config.json").is_file():
         raise ModelLoadError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
     cls = _hf_class(model_dir)
+    _refuse_pickles(model_dir)
+    _check_safetensors(model_dir, required=not meta)
     try:
         if meta:
             config = AutoConfig.from_pretrained(model_dir)
             with torch.device("meta"):
                 return cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
-        weights = list(model_dir.glob("*.safetensors"))
-        if not weights:
-            raise ModelLoadError(f"{model_dir} has no .safetensors weights")
-        for path in weights:  # fail early and clearly on a truncated or corrupt file
-            with open(path, "rb") as handle:
-                header = int.from_bytes(handle.read(8), "little")
-            if header <= 0 or header > path.stat().st_size:
-                raise ModelLoadError(f"cannot read checkpoint {path}: not a safetensors file")
-        return cls.from_pretrained(model_dir, dtype="auto")
+        return cls.from_pretrained(model_dir, dtype="auto", use_safetensors=True)
     except ModelLoadError:
         raise
     except (OSError, ValueError, SafetensorError, RuntimeError) as err:
@@ -85,22 +117,56 @@ def _load_hf(model_dir: Path, meta: bool) -> nn.Module:
         raise ModelLoadError(f"cannot load the model in {model_dir}: {first}") from None
 
 
-@contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Build a model whose parameters live on the meta device while its buffers (rotary
-    frequencies, position ids) are computed for real: the skeleton a streamed checkpoint fills."""
-    register = nn.Module.register_parameter
+def _unset(buffer: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor like `buffer` that says "never computed": NaN, or the dtype's least integer."""
+    if buffer.dtype.is_floating_point or buffer.dtype.is_complex:
+        return torch.full_like(buffer, float("nan"), device="cpu")
+    if buffer.dtype == torch.bool:
+        return torch.zeros_like(buffer, device="cpu")
+    return torch.full_like(buffer, torch.iinfo(buffer.dtype).min, device="cpu")
 
-    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register(module, name, param)
-        if param is not None and param.device.type != "meta":
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
-    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+def _still_unset(buffer: torch.Tensor) -> bool:
+    if buffer.numel() == 0 or buffer.dtype == torch.bool:
+        return False  # nothing to tell apart
+    if buffer.dtype.is_floating_point or buffer.dtype.is_complex:
+        return bool(torch.isnan(buffer).all())
+    return bool((buffer == torch.iinfo(buffer.dtype).min).all())
+
+
+def _compute_buffers(model: nn.Module, held: set[str]) -> None:
+    """Give the buffers of a model built on the meta device their real values, the way transformers'
+    `from_pretrained` does after building on meta: every buffer comes off meta onto the CPU
+    (`_move_missing_keys_from_meta_to_device`), the parameters are flagged `_is_hf_initialized`
+    so initialisation passes over them, and the model's own `initialize_weights` runs, whose
+    per-architecture `_init_weights` writes what `__init__` computed (rotary `inv_freq` and
+    `original_inv_freq` from the rope parameters, `position_ids`, causal masks, embedding scales).
+
+    `initialize_weights` is called unwrapped, under `torch.no_grad`: its decorator
+    `guard_torch_init_functions` swaps torch.nn.init's functions module-wide for the duration,
+    which every other thread would see. The flagged parameters are on meta, where any init that
+    is not guarded is a no-op that draws nothing from torch's RNG. Buffers the checkpoint does not
+    hold (`held`) and that no `_init_weights` wrote are an error, not silent garbage."""
+    import inspect
+
+    for name, buffer in list(model.named_buffers()):
+        path, _, local = name.rpartition(".")
+        model.get_submodule(path)._buffers[local] = _unset(buffer)
+    params = list(model.parameters())
+    for param in params:
+        param._is_hf_initialized = True  # type: ignore[attr-defined]
     try:
-        yield
+        initialize = inspect.unwrap(type(model).initialize_weights)  # type: ignore[attr-defined]
+        with torch.no_grad():
+            initialize(model)
     finally:
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
+        for param in params:
+            vars(param).pop("_is_hf_initialized", None)
+    unset = [name for name, buffer in model.named_buffers() if name not in held and _still_unset(buffer)]
+    if unset:
+        raise ModelLoadError(f"cannot stream into {type(model).__name__}: transformers does not compute its "
+                             f"buffer {', '.join(unset[:3])} when it builds the model on the meta device; "
+                             "load the model and use surgeon.apply instead")
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device | None:
@@ -126,8 +192,11 @@ def load_model_skeleton(model_dir: Path) -> nn.Module:
 
     cls = _hf_class(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
-    with _parameters_on_meta():
+    # torch.device is a torch function mode: thread-local, it puts this thread's new tensors on
+    # meta and leaves every other thread (and every other model) alone
+    with torch.device("meta"):
         model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+    _compute_buffers(model, set(checkpoint_index(model_dir)))
     return model.eval()
 
 
@@ -155,6 +224,34 @@ def stream_checkpoint(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
             raise ModelLoadError(f"cannot read checkpoint {path}: {err}") from None
 
 
+def _header_sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        if path.suffix != ".safetensors":
+            return hashlib.sha256(handle.read()).hexdigest()
+        size = int.from_bytes(handle.read(8), "little")
+        return hashlib.sha256(handle.read(min(size, 100_000_000))).hexdigest()
+
+
+def source_stamps(model_dir: Path) -> dict[str, FileStamp]:
+    """Size, mtime and header hash of the directory's weight, index and config files."""
+    stamps = {}
+    for path in sorted(model_dir.iterdir()):
+        if path.is_file() and (path.suffix == ".safetensors" or path.name in _STAMPED):
+            stat = path.stat()
+            stamps[path.name] = FileStamp(size=stat.st_size, mtime_ns=stat.st_mtime_ns,
+                                          header_sha256=_header_sha256(path))
+    return stamps
+
+
+_STAMPED = ("config.json", "model.safetensors.index.json")
+
+
+def changed_source_files(recorded: dict[str, FileStamp], model_dir: Path) -> list[str]:
+    """The files of `model_dir` that differ from the stamps taken at apply (added, gone or changed)."""
+    now = source_stamps(model_dir)
+    return sorted(name for name in set(recorded) | set(now) if recorded.get(name) != now.get(name))
+
+
 def load_model(ref: str, *, checkpoint: str | None = None, meta: bool = False) -> tuple[nn.Module, SourceRef]:
     """The model named by `ref` and a reference to it for the manifest. `meta`: structure only."""
     if _is_factory(ref):
@@ -165,15 +262,33 @@ def load_model(ref: str, *, checkpoint: str | None = None, meta: bool = False) -
         raise ModelLoadError(f"model path not found: {ref}")
     if not path.is_dir():
         raise ModelLoadError(f"{ref} is not a directory: give a Hugging Face model directory or package.module:factory")
-    return _load_hf(path, meta), SourceRef(kind="hf", location=str(path.resolve()))
+    model = _load_hf(path, meta)
+    return model, SourceRef(kind="hf", location=str(path.resolve()), files=source_stamps(path))
 
 
-def reload_source(source: SourceRef) -> nn.Module:
-    """The base model a run was made from, read again from where the manifest says it lives."""
-    if source.kind == "memory" or not source.location:
-        raise ModelLoadError("this run was made from a model that exists only in memory; "
-                             "use surgeon.load(run_dir, model) with that model in Python")
-    return load_model(source.location, checkpoint=source.checkpoint)[0]
+def reload_source(source: SourceRef, model_ref: str | None = None, checkpoint: str | None = None,
+                  full_fingerprint: bool = False) -> nn.Module:
+    """The base model a run was made from: the one the user names (`model_ref`), or the Hugging
+    Face directory the manifest records. A factory the manifest names is never run (a run
+    directory is untrusted), and a recorded directory whose files changed since apply is refused
+    unless every tensor was hashed at apply."""
+    if model_ref is None and source.kind == "factory":
+        hint = f" --checkpoint {source.checkpoint}" if source.checkpoint else ""
+        raise ModelLoadError(f"this run was made from the model factory '{source.location}'; surgeon does not run "
+                             f"code that a run directory names. If you trust it, name it yourself: --model "
+                             f"{source.location}{hint}")
+    if model_ref is None and (source.kind == "memory" or not source.location):
+        raise ModelLoadError("this run was made from a model that exists only in memory; pass its base model "
+                             "with --model, or use surgeon.load(run_dir, model) in Python")
+    model, loaded = load_model(model_ref or source.location or "", checkpoint=checkpoint)
+    if loaded.kind == "hf" and loaded.location and source.files and not full_fingerprint:
+        changed = changed_source_files(source.files, Path(loaded.location))
+        if changed:
+            raise ModelLoadError(
+                f"{Path(loaded.location) / changed[0]} is not the file the run was made from (size, mtime or "
+                "header differ), and the run hashed only the tensors it changed, so the others cannot be "
+                "vouched for. Restore the original file, or re-create the run with --full-fingerprint")
+    return model
 
 
 def save_base_model(model: nn.Module, out_dir: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from surgeon.errors import RevertError
+from surgeon.errors import ModelLoadError, RevertError
 
 
 class Originals(Protocol):
@@ -85,15 +85,26 @@ def _read_tensor(path: Path, name: str) -> torch.Tensor:
 
 
 def checkpoint_index(model_dir: Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file, from the shard index when there is one."""
+    """Tensor name -> safetensors file, from the shard index when there is one. The files it names
+    must lie in `model_dir`."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: model_dir / file for name, file in weight_map.items()}
-    found: dict[str, Path] = {}
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            found = {str(name): model_dir / str(file) for name, file in weight_map.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ModelLoadError(f"cannot read {index}: not a valid shard index ({type(err).__name__}: {err})") from None
+        for name, path in found.items():
+            if path.parent != model_dir or not path.is_file():
+                raise ModelLoadError(f"{index} puts {name} in {path.name}, which is not a file in {model_dir}")
+        return found
+    found = {}
     for path in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            found.update({name: path for name in handle.keys()})
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                found.update({name: path for name in handle.keys()})
+        except (OSError, SafetensorError) as err:
+            raise ModelLoadError(f"cannot read checkpoint {path}: not a valid safetensors file ({err})") from None
     return found
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import gc
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import transformers  # noqa: E402
 
 transformers.logging.set_verbosity_error()
+
+_SCRATCH_BEFORE = set(Path(tempfile.gettempdir()).glob("surgeon-originals-*"))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """No test leaves spilled originals in the temp folder (jobs remove theirs when they end)."""
+    gc.collect()
+    left = set(Path(tempfile.gettempdir()).glob("surgeon-originals-*")) - _SCRATCH_BEFORE
+    if left:
+        print(f"\nspilled originals left in the temp folder: {sorted(map(str, left))[:3]}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def tiny_llama(seed: int = 0) -> nn.Module:

@@ -75,7 +75,7 @@ def test_apply_train_revert_round_trip_is_bit_exact(llama_dir, tmp_path):
     job.save(tmp_path / "trained")
     result = cli("revert", tmp_path / "trained", "--out", tmp_path / "restored")
     assert result.exit_code == 0, result.output
-    assert "match the original" in result.output
+    assert "tensors verified by sha256" in result.output
     assert_same_files(tmp_path / "restored", llama_dir)
 
 

@@ -168,7 +168,7 @@ def test_changed_source_model_is_named(applied):
     tensors = load_file(str(path))
     tensors["model.layers.1.self_attn.v_proj.weight"][0, 0] += 1.0
     save_file(tensors, str(path), metadata={"format": "pt"})
-    _revert_fails(applied, "model.layers.1.self_attn.v_proj.weight differs from the original (sha256 mismatch)")
+    _revert_fails(applied, "model.safetensors is not the file the run was made from")
 
 
 def test_out_must_be_new(applied):

@@ -117,8 +117,9 @@ def test_import_errors_are_clear_and_write_nothing(tmp_path):
     bad_type.mkdir()
     (bad_type / "adapter_config.json").write_text(json.dumps({"peft_type": "VERA"}))
     (bad_type / "adapter_model.safetensors").write_bytes((adapter_dir / "adapter_model.safetensors").read_bytes())
+    (tmp_path / "empty").mkdir()
     cases = [
-        (tmp_path, str(base_dir), "has no adapter_config.json: not a PEFT adapter directory"),
+        (tmp_path / "empty", str(base_dir), "has no adapter_config.json: not a PEFT adapter directory"),
         (adapter_dir, str(tmp_path / "other"), "belongs to no module of this model"),
         (bad_type, str(base_dir), "PEFT type VERA has no surgeon method"),
         (adapter_dir, str(tmp_path / "missing"), "model path not found"),
