@@ -27,6 +27,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from surgeon.errors import ExportError, SurgeonError
+from surgeon.methods._rng import draw
 from surgeon.methods.base import ApplyContext, Method, MethodParams, Patch, Target, WrapPatch, locate, register
 from surgeon.methods.lora import compute_dtype_device
 
@@ -73,7 +74,8 @@ class AdaLoraLinear(nn.Module):
     """The SVD-shaped update beside nn.Linear or transformers' Conv1D, whole or on named slices of the
     output (GPT-2's fused c_attn): each slice is a matrix of its own in the budget."""
 
-    def __init__(self, base: nn.Module, target: Target, params: AdaLoraParams, init: bool) -> None:
+    def __init__(self, base: nn.Module, target: Target, params: AdaLoraParams, init: bool,
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.base = base
         self.alpha = params.alpha
@@ -90,8 +92,8 @@ class AdaLoraLinear(nn.Module):
             for name, shape in (("lora_A", (r, self.in_features)), ("lora_E", (r, 1)), ("lora_B", (width, r))):
                 self.register_parameter(name + suffix, nn.Parameter(torch.zeros(shape, dtype=dtype, device=device)))
             if init:
-                nn.init.normal_(self.get_parameter("lora_A" + suffix).data, mean=0.0, std=_INIT_STD)
-                nn.init.normal_(self.get_parameter("lora_B" + suffix).data, mean=0.0, std=_INIT_STD)
+                draw(self.get_parameter("lora_A" + suffix).data, nn.init.normal_, generator, mean=0.0, std=_INIT_STD)
+                draw(self.get_parameter("lora_B" + suffix).data, nn.init.normal_, generator, mean=0.0, std=_INIT_STD)
         # a loaded run's masked triplets arrive as lambda = 0; the first forward reads them (after the
         # weights are filled, before any optimizer step) so the final mask can be kept past the schedule
         self.loaded = not init and device.type != "meta"
@@ -401,7 +403,7 @@ class AdaLora(Method):
         assert isinstance(params, AdaLoraParams)
         parent, attr, original = locate(model, target.path)
         init = ctx.init and compute_dtype_device(original)[1].type != "meta"  # nothing to draw on meta
-        wrapper = AdaLoraLinear(original, target, params, init)
+        wrapper = AdaLoraLinear(original, target, params, init, ctx.generator)
         return AdaLoraPatch(parent, attr, original, wrapper, _allocator_for(model, params, target.path), target.path)
 
     # PEFT interchange: AdaLoraConfig; PEFT saves lora_A, lora_E, lora_B (no `.weight`: ParameterDicts)

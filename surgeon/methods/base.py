@@ -68,11 +68,13 @@ class Target(BaseModel):
 
 @dataclass
 class ApplyContext:
-    """What the surgery hands every `apply`: whether to draw initial weights, and where replaced
-    originals are kept readable."""
+    """What the surgery hands every `apply`: whether to draw initial weights, where replaced
+    originals are kept readable, and the generator to draw them from (a seeded apply's own;
+    None: torch's global RNG, as torch's initialisers use)."""
 
     init: bool = True
     originals: Originals | None = None
+    generator: torch.Generator | None = None
 
 
 @dataclass

@@ -41,8 +41,9 @@ def _parts(target_slices: dict[str, tuple[int, int]], d_out: int) -> list[tuple[
 class DoraLinear(LoraLinear):
     """DoRA on nn.Linear or transformers' Conv1D (or a quantized one), whole or on slices."""
 
-    def __init__(self, base: nn.Module, target: Target, params: LoraParams, init: bool) -> None:
-        super().__init__(base, target, params, init)
+    def __init__(self, base: nn.Module, target: Target, params: LoraParams, init: bool,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__(base, target, params, init, generator)
         self.parts = _parts(self.slices, self.out_features)
         for suffix, start, stop in self.parts:
             self.register_parameter(f"lora_magnitude_vector{suffix}", self._new(stop - start))
@@ -144,7 +145,7 @@ class Dora(Lora):
         assert isinstance(params, DoraParams)
         parent, attr, original = locate(model, target.path)
         init = ctx.init and compute_dtype_device(original)[1].type != "meta"  # no weights to take norms of on meta
-        wrapper = DoraLinear(original, target, params, init)
+        wrapper = DoraLinear(original, target, params, init, ctx.generator)
         patch = LoraPatch(parent, attr, original, wrapper, params, target.path)
         if patch.bias_name:
             original.bias.requires_grad_(True)

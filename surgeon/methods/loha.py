@@ -27,6 +27,7 @@ from pydantic import Field
 from torch import nn
 
 from surgeon.errors import ExportError
+from surgeon.methods._rng import draw
 from surgeon.methods.base import ApplyContext, Method, MethodParams, Patch, Target, WrapPatch, locate, register
 from surgeon.methods.lora import compute_dtype_device
 
@@ -62,7 +63,8 @@ class FactoredDelta(nn.Module):
 
     rescale_rank_dropout: bool = True
 
-    def __init__(self, base: nn.Module, target: Target, params: Any, scale: float, init: bool) -> None:
+    def __init__(self, base: nn.Module, target: Target, params: Any, scale: float, init: bool,
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.base = base
         self.transposed = target.kind == "conv1d"  # Conv1D stores its weight as (d_in, d_out)
@@ -78,7 +80,7 @@ class FactoredDelta(nn.Module):
                 zeros = torch.zeros(shape, dtype=self.dtype, device=device)
                 self.register_parameter(name + suffix, nn.Parameter(zeros))
             if init:
-                self.init_part(suffix)
+                self.init_part(suffix, generator)
         self.train(base.training)  # a wrapper made while the model is in eval mode stays in eval mode
 
     @staticmethod
@@ -86,8 +88,9 @@ class FactoredDelta(nn.Module):
         """Factor name -> shape for a part of `rows` output rows."""
         raise NotImplementedError
 
-    def init_part(self, suffix: str) -> None:
-        """Draw a part's initial factors (the delta must start at zero)."""
+    def init_part(self, suffix: str, generator: torch.Generator | None = None) -> None:
+        """Draw a part's initial factors (the delta must start at zero), from `generator` (None:
+        the global RNG)."""
         raise NotImplementedError
 
     def part_delta(self, suffix: str) -> torch.Tensor:
@@ -166,10 +169,10 @@ class LohaLinear(FactoredDelta):
         r = params.r
         return {"hada_w1_a": (rows, r), "hada_w1_b": (r, d_in), "hada_w2_a": (rows, r), "hada_w2_b": (r, d_in)}
 
-    def init_part(self, suffix: str) -> None:
+    def init_part(self, suffix: str, generator: torch.Generator | None = None) -> None:
         # PEFT's order and law (FedPara's He init); hada_w2_b stays zero, so the delta starts at zero
         for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a"):
-            nn.init.kaiming_uniform_(self.factor(name, suffix), a=math.sqrt(5))
+            draw(self.factor(name, suffix), nn.init.kaiming_uniform_, generator, a=math.sqrt(5))
 
     def part_delta(self, suffix: str) -> torch.Tensor:
         w1a, w1b, w2a, w2b = (self.factor(n, suffix) for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
@@ -252,7 +255,8 @@ class Loha(Method):
         assert isinstance(params, LohaParams)
         parent, attr, original = locate(model, target.path)
         init = ctx.init and compute_dtype_device(original)[1].type != "meta"  # nothing to draw on meta
-        return WrapPatch(parent, attr, original, LohaLinear(original, target, params, params.scale, init))
+        return WrapPatch(parent, attr, original, LohaLinear(original, target, params, params.scale, init,
+                                                            ctx.generator))
 
     @classmethod
     def peft_config(cls, params: MethodParams) -> dict[str, Any]:

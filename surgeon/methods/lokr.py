@@ -26,6 +26,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
+from surgeon.methods._rng import draw
 from surgeon.methods.base import ApplyContext, Method, MethodParams, Patch, Target, WrapPatch, locate, register
 from surgeon.methods.lora import compute_dtype_device
 from surgeon.methods.loha import (FactoredDelta, dropout_words, grouped_statements, part_spans, peft_names_only,
@@ -101,8 +102,9 @@ def kron_shape(rows: int, d_in: int, params: LokrParams) -> KronShape:
 class LokrLinear(FactoredDelta):
     """LoKr on nn.Linear or transformers' Conv1D (or a quantized one), whole or on slices."""
 
-    def __init__(self, base: nn.Module, target: Target, params: LokrParams, init: bool) -> None:
-        super().__init__(base, target, params, params.scale, init)
+    def __init__(self, base: nn.Module, target: Target, params: LokrParams, init: bool,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__(base, target, params, params.scale, init, generator)
         self.rescale_rank_dropout = params.rank_dropout_scale
 
     @staticmethod
@@ -116,12 +118,12 @@ class LokrLinear(FactoredDelta):
     def _has(self, name: str, suffix: str) -> bool:
         return name + suffix in self._parameters
 
-    def init_part(self, suffix: str) -> None:
+    def init_part(self, suffix: str, generator: torch.Generator | None = None) -> None:
         # PEFT's order and laws; W1 (or its left factor) stays zero, so the delta starts at zero
         drawn = [] if self._has("lokr_w1", suffix) else ["lokr_w1_b"]
         drawn += ["lokr_w2"] if self._has("lokr_w2", suffix) else ["lokr_w2_a", "lokr_w2_b"]
         for name in drawn:
-            nn.init.kaiming_uniform_(self.factor(name, suffix), a=math.sqrt(5))
+            draw(self.factor(name, suffix), nn.init.kaiming_uniform_, generator, a=math.sqrt(5))
 
     def _w(self, which: str, suffix: str) -> torch.Tensor:
         if self._has(which, suffix):
@@ -186,7 +188,7 @@ class Lokr(Method):
         assert isinstance(params, LokrParams)
         parent, attr, original = locate(model, target.path)
         init = ctx.init and compute_dtype_device(original)[1].type != "meta"  # nothing to draw on meta
-        return WrapPatch(parent, attr, original, LokrLinear(original, target, params, init))
+        return WrapPatch(parent, attr, original, LokrLinear(original, target, params, init, ctx.generator))
 
     @classmethod
     def peft_config(cls, params: MethodParams) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from pydantic import Field
 from torch import nn
 
 from surgeon.errors import ExportError
+from surgeon.methods._rng import draw
 from surgeon.methods.base import ApplyContext, Method, MethodParams, Patch, Target, WrapPatch, locate, register
 
 
@@ -34,11 +35,11 @@ class LoraParams(MethodParams):
         return alpha / math.sqrt(self.r) if self.rslora else alpha / self.r
 
 
-def init_lora_a(weight: torch.Tensor, params: LoraParams) -> None:
+def init_lora_a(weight: torch.Tensor, params: LoraParams, generator: torch.Generator | None = None) -> None:
     if params.init == "kaiming":
-        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        draw(weight, nn.init.kaiming_uniform_, generator, a=math.sqrt(5))
     else:
-        nn.init.normal_(weight, std=1.0 / params.r)
+        draw(weight, nn.init.normal_, generator, std=1.0 / params.r)
 
 
 def compute_dtype_device(base: nn.Module) -> tuple[torch.dtype, torch.device]:
@@ -69,7 +70,8 @@ class LoraLinear(_LoraBase):
     B, and every other column (k, say) is exactly the base layer's output.
     """
 
-    def __init__(self, base: nn.Module, target: Target, params: LoraParams, init: bool) -> None:
+    def __init__(self, base: nn.Module, target: Target, params: LoraParams, init: bool,
+                 generator: torch.Generator | None = None) -> None:
         super().__init__(base, params)
         self.transposed = target.kind == "conv1d"
         self.slices = dict(target.slices)
@@ -84,7 +86,7 @@ class LoraLinear(_LoraBase):
             self.register_parameter(f"lora_B_{name}", self._new(stop - start, params.r))
         if init:
             for a_name in [n for n, _ in self.named_parameters() if n.startswith("lora_A")]:
-                init_lora_a(self.get_parameter(a_name).data, params)
+                init_lora_a(self.get_parameter(a_name).data, params, generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -109,12 +111,13 @@ class LoraLinear(_LoraBase):
 
 
 class LoraEmbedding(_LoraBase):
-    def __init__(self, base: nn.Embedding, target: Target, params: LoraParams, init: bool) -> None:
+    def __init__(self, base: nn.Embedding, target: Target, params: LoraParams, init: bool,
+                 generator: torch.Generator | None = None) -> None:
         super().__init__(base, params)
         self.lora_A = self._new(params.r, base.num_embeddings)
         self.lora_B = self._new(base.embedding_dim, params.r)
         if init:
-            nn.init.normal_(self.lora_B.data)
+            draw(self.lora_B.data, nn.init.normal_, generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base: nn.Embedding = self.base  # type: ignore[assignment]
@@ -127,13 +130,14 @@ class LoraEmbedding(_LoraBase):
 
 
 class LoraConv2d(_LoraBase):
-    def __init__(self, base: nn.Conv2d, target: Target, params: LoraParams, init: bool) -> None:
+    def __init__(self, base: nn.Conv2d, target: Target, params: LoraParams, init: bool,
+                 generator: torch.Generator | None = None) -> None:
         super().__init__(base, params)
         kh, kw = base.kernel_size
         self.lora_A = self._new(params.r, base.in_channels, kh, kw)
         self.lora_B = self._new(base.out_channels, params.r, 1, 1)
         if init:
-            init_lora_a(self.lora_A.data, params)
+            init_lora_a(self.lora_A.data, params, generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base: nn.Conv2d = self.base  # type: ignore[assignment]
@@ -216,7 +220,7 @@ class Lora(Method):
         assert isinstance(params, LoraParams)
         parent, attr, original = locate(model, target.path)
         init = ctx.init and compute_dtype_device(original)[1].type != "meta"  # nothing to draw on meta; slow there
-        wrapper = _WRAPPERS[target.kind](original, target, params, init)
+        wrapper = _WRAPPERS[target.kind](original, target, params, init, ctx.generator)
         patch = LoraPatch(parent, attr, original, wrapper, params, target.path)
         if patch.bias_name:
             original.bias.requires_grad_(True)

@@ -29,6 +29,7 @@ from torch import nn
 from surgeon.errors import ExportError, SurgeonError
 from surgeon.methods._prompt_inputs import (InputPromptMethod, PromptInputs, PromptPatch, embedding_size,
                                             local_names, new_parameter, prefix_layout, scoped_names)
+from surgeon.methods._rng import draw
 from surgeon.methods.base import ApplyContext, MethodParams, Patch, Target, locate, register
 from surgeon.methods.prompt import PromptTuningParams, initial_prompt
 
@@ -103,9 +104,9 @@ class MultitaskPromptTuning(InputPromptMethod):
         added = {name: new_parameter(shape, embedding.weight) for name, shape in cls.added_shapes(target, params).items()}
         if ctx.init and embedding.weight.device.type != "meta":
             with torch.no_grad():
-                added["prompt_embeddings"].copy_(initial_prompt(embedding, params, model))
-                added["prefix_task_cols"].normal_(0.0, 0.02)
-                added["prefix_task_rows"].normal_(0.0, 0.02)
+                added["prompt_embeddings"].copy_(initial_prompt(embedding, params, model, ctx.generator))
+                draw(added["prefix_task_cols"], nn.init.normal_, ctx.generator, 0.0, 0.02)
+                draw(added["prefix_task_rows"], nn.init.normal_, ctx.generator, 0.0, 0.02)
         source = _MultitaskSource(added["prompt_embeddings"], added["prefix_task_cols"], added["prefix_task_rows"])
         inputs = PromptInputs(model, embedding, source, prefix_layout(params.tokens))
         return PromptPatch(embedding, dict(added), inputs)

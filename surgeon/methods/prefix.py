@@ -35,6 +35,7 @@ from pydantic import Field
 from torch import nn
 
 from surgeon.errors import ExportError, PlanError, SurgeonError
+from surgeon.methods._rng import draw
 from surgeon.methods.base import ApplyContext, Method, MethodParams, Patch, Target, register
 
 _NAME = "surgeon_prefix_"
@@ -343,19 +344,21 @@ def _new(shape: tuple[int, ...], like: nn.Parameter) -> nn.Parameter:
     return nn.Parameter(torch.zeros(shape, dtype=like.dtype, device=like.device))
 
 
-def _init(module: nn.Module, names: list[str], params: PrefixParams) -> None:
+def _init(module: nn.Module, names: list[str], params: PrefixParams,
+          generator: torch.Generator | None = None) -> None:
     """PEFT's defaults: nn.Embedding's N(0, 1) and nn.Linear's Kaiming-uniform (per-layer row blocks of
-    PEFT's last Linear have its fan-in, so the same distribution)."""
+    PEFT's last Linear have its fan-in, so the same distribution), drawn from `generator` (None:
+    the global RNG)."""
     with torch.no_grad():
         for name in names:
             tensor = module._parameters[name]
             if name in ("prefix", "prefix_embedding"):
-                nn.init.normal_(tensor)
+                draw(tensor, nn.init.normal_, generator)
             elif name.endswith("weight"):
-                nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+                draw(tensor, nn.init.kaiming_uniform_, generator, a=math.sqrt(5))
             else:  # a Linear's bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in of its weight
                 fan_in = module._parameters[name.replace("bias", "weight")].shape[1]
-                nn.init.uniform_(tensor, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+                draw(tensor, nn.init.uniform_, generator, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
 
 
 @register
@@ -420,7 +423,7 @@ class Prefix(Method):
                 raise PlanError(f"{target.path} already has an attribute '{name}'")
             module.register_parameter(name, _new(shape, like))
         if ctx.init:
-            _init(module, list(shapes), params)
+            _init(module, list(shapes), params, ctx.generator)
         layer = _Layer(module=module, n_kv=n_kv, head_dim=head_dim, tokens=params.tokens, names=list(shapes),
                        group=group)
         if group is not None:

@@ -26,6 +26,7 @@ from torch import nn
 from surgeon.errors import ExportError, SurgeonError
 from surgeon.methods._prompt_inputs import (InputPromptMethod, PromptInputs, PromptParams, PromptPatch,
                                             embedding_size, local_names, new_parameter, prefix_layout, scoped_names)
+from surgeon.methods._rng import randint, randn
 from surgeon.methods.base import ApplyContext, MethodParams, Patch, Target, locate, register
 
 _PEFT_INIT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB"}
@@ -37,12 +38,13 @@ class PromptTuningParams(PromptParams):
     tokenizer: str | None = Field(None, description="tokenizer for a text init; default: the model's name_or_path")
 
 
-def init_ids(init: str, rows: int, vocab: int, model: nn.Module, tokenizer: str | None) -> torch.Tensor | None:
+def init_ids(init: str, rows: int, vocab: int, model: nn.Module, tokenizer: str | None,
+             generator: torch.Generator | None = None) -> torch.Tensor | None:
     """The token ids whose embeddings start the prompt (None: random)."""
     if init == "random":
         return None
     if init == "vocab":
-        return torch.randint(0, vocab, (rows,), dtype=torch.long)
+        return randint(vocab, (rows,), generator)
     source = tokenizer or getattr(getattr(model, "config", None), "name_or_path", None)
     if not source:
         raise SurgeonError(f"init={init!r} is a text init, which needs a tokenizer: add tokenizer=NAME_OR_PATH")
@@ -55,11 +57,12 @@ def init_ids(init: str, rows: int, vocab: int, model: nn.Module, tokenizer: str 
     return torch.tensor(ids, dtype=torch.long)
 
 
-def initial_prompt(embedding: nn.Module, params: PromptTuningParams, model: nn.Module) -> torch.Tensor:
+def initial_prompt(embedding: nn.Module, params: PromptTuningParams, model: nn.Module,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
     vocab, d = embedding.weight.shape
-    ids = init_ids(params.init, params.tokens, vocab, model, params.tokenizer)
+    ids = init_ids(params.init, params.tokens, vocab, model, params.tokenizer, generator)
     if ids is None:
-        return torch.randn(params.tokens, d)
+        return randn(params.tokens, d, generator=generator)
     with torch.no_grad():
         return embedding(ids.to(embedding.weight.device)).detach().float()
 
@@ -83,7 +86,7 @@ class PromptTuning(InputPromptMethod):
         _, _, embedding = locate(model, target.path)
         prompt = new_parameter(cls.added_shapes(target, params)["prompt_embeddings"], embedding.weight)
         if ctx.init and prompt.device.type != "meta":
-            prompt.data.copy_(initial_prompt(embedding, params, model))
+            prompt.data.copy_(initial_prompt(embedding, params, model, ctx.generator))
 
         def source(batch: int, task_ids: torch.Tensor | None) -> torch.Tensor:
             return prompt.unsqueeze(0).expand(batch, -1, -1)

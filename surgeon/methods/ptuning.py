@@ -38,6 +38,7 @@ from torch import nn
 from surgeon.errors import ExportError
 from surgeon.methods._prompt_inputs import (InputPromptMethod, PromptInputs, PromptParams, PromptPatch,
                                             embedding_size, layout_tokens, local_names, parse_template, prefix_layout)
+from surgeon.methods._rng import reset_parameters
 from surgeon.methods.base import ApplyContext, MethodParams, Patch, Target, locate, register
 from surgeon.methods.prompt import prompt_statement
 
@@ -123,7 +124,12 @@ class PTuning(InputPromptMethod):
     def apply(cls, model: nn.Module, target: Target, params: MethodParams, ctx: ApplyContext) -> Patch:
         assert isinstance(params, PTuningParams)
         _, _, embedding = locate(model, target.path)
-        encoder = _encoder(target, params, embedding.weight.device)
+        device = embedding.weight.device
+        if ctx.generator is None:  # torch's own reset_parameters, on the global RNG
+            encoder = _encoder(target, params, device)
+        else:  # built without drawing, then drawn from the seeded apply's generator with torch's laws
+            encoder = _encoder(target, params, "meta").to_empty(device=device)
+            reset_parameters(encoder, ctx.generator)
         encoder.train(model.training)
 
         def source(batch: int, task_ids: torch.Tensor | None) -> torch.Tensor:
