@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from surgeon.errors import ManifestError, PlanError, SurgeonError
+from surgeon.errors import ManifestError, PlanError, RevertError, SurgeonError
 from surgeon.files import write_dir
 from surgeon.graph import build_module_graph
 from surgeon.language import parse_spec, read_spec_text
@@ -44,6 +44,7 @@ class Job:
         # a temporary folder of spilled originals lives as long as the job needs it: removed on
         # revert, when the job is garbage-collected, or at exit (`save` copies it into the run)
         self._scratch = weakref.finalize(self, shutil.rmtree, str(scratch), True) if scratch else None
+        _LIVE.setdefault(surgery.model, []).append(weakref.ref(self))
 
     @property
     def model(self) -> nn.Module:
@@ -197,11 +198,26 @@ class Job:
 
     def revert(self) -> nn.Module:
         """Give the original model back, bit-exact, verified against the manifest's fingerprint."""
-        model = revert_surgery(self._live())
+        surgery = self._live()
+        last = _live_jobs(surgery.model)[-1:]
+        if last and last[0] is not self:
+            first_line = last[0].manifest.spec_text.strip().splitlines()[0]
+            raise RevertError(f"this model was patched again after this job (by '{first_line}'); revert that "
+                              "job first: jobs on one model revert in the reverse order of their applies")
+        model = revert_surgery(surgery)
         self._reverted = True
+        _LIVE[surgery.model] = [ref for ref in _LIVE[surgery.model] if ref() not in (None, self)]
         if self._scratch is not None:
             self._scratch()
         return model
+
+
+# The jobs live on each model, in the order they were applied: they revert in the reverse order.
+_LIVE: weakref.WeakKeyDictionary[nn.Module, list[weakref.ref[Job]]] = weakref.WeakKeyDictionary()
+
+
+def _live_jobs(model: nn.Module) -> list[Job]:
+    return [job for ref in _LIVE.get(model, []) if (job := ref()) is not None and not job._reverted]
 
 
 def _check_replaceable(run_dir: Path, marker: str) -> None:

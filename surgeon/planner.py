@@ -183,6 +183,11 @@ class _Planner:
                                  self.nearest(clause.pattern))
             if clause.preposition == "except":
                 remaining = self.exclude(chosen, found)
+                if not remaining and clause not in statement.clauses and lenient:
+                    # a keyword's own exclusion (`quantize base`: never the head) always holds
+                    raise self.error(f"nothing is left for {method.name}: the modules it matched are "
+                                     f"all '{clause.pattern}', which it leaves out", statement.location,
+                                     "earlier patches may already cover the rest; name a pattern to go on")
                 if remaining or clause in statement.clauses:
                     chosen = remaining
                 # else: a method's own default exclusion would leave nothing; its check() says why

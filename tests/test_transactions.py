@@ -161,3 +161,25 @@ def test_snapshot_restores_swapped_tensors_and_flags():
     snapshot.restore()
     assert layer.weight is weight and torch.equal(weight, before) and weight.requires_grad
     assert not hasattr(layer, "extra") and copy.deepcopy(layer)(torch.ones(4)).shape == (4,)
+
+
+def test_jobs_on_one_model_revert_in_reverse_order():
+    model = tiny_llama()
+    original = clone(model)
+    first = surgeon.apply("train bias add=true in *.attn.q", model)
+    second = surgeon.apply("train bias in *.attn.q", model)
+    patched = clone(model)
+    with pytest.raises(RevertError, match=r"patched again after this job \(by 'train bias in \*.attn.q'\)"):
+        first.revert()
+    assert_same_model(model, patched)
+    second.revert()
+    first.revert()
+    assert_same_model(model, original)
+
+
+def test_quantize_base_never_takes_the_head_even_when_nothing_else_is_left():
+    model = tiny_llama()
+    surgeon.apply("quantize base nf4", model)
+    with pytest.raises(surgeon.SurgeonError, match="nothing is left for quantize: .* all 'head', which it leaves out"):
+        surgeon.apply("quantize base nf4", model)
+    assert type(model.lm_head) is nn.Linear
