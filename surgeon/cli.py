@@ -300,9 +300,9 @@ def _rerun_and_write(run: Path, out_dir: Path, force: bool, as_json: bool, doing
     source = manifest.source.location if manifest.source.kind == "hf" else None
     _fresh_out(out_dir, force, run, model or source, checkpoint)
     with _status("reading the source model", as_json):
-        base = reload_source(manifest.source, model, checkpoint, full_fingerprint=manifest.fingerprint_full)
+        base, directory = reload_source(manifest.source, model, checkpoint, full_fingerprint=manifest.fingerprint_full)
     with _status(doing, as_json):
-        result = finish(load(run, base))
+        result = finish(load(run, base, originals_from=directory))
     _write_out(out_dir, lambda staging: write(result, staging))
     return manifest
 

@@ -314,12 +314,14 @@ def _read_adapters(run_dir: Path) -> dict[str, torch.Tensor]:
         raise ManifestError(f"cannot read {run_dir / ADAPTER_FILE}: {err}") from None
 
 
-def load(run_dir: str | Path, model: nn.Module) -> Job:
+def load(run_dir: str | Path, model: nn.Module, *, originals_from: str | Path | None = None) -> Job:
     """Re-apply a saved run to a fresh copy of its base model, weights included.
 
     The run is untrusted input: the plan is recomputed from its spec against `model`, and the
     manifest's patch records and the tensors in adapters.safetensors must be exactly what that
-    plan makes; anything else is a ManifestError and the model is left as it was."""
+    plan makes; anything else is a ManifestError and the model is left as it was. Originals a run
+    re-reads from its source checkpoint come from `originals_from` when given (the directory the
+    model was loaded from), else from the directory the run records; they are checked by hash."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     problem = check_tensors(model, manifest.fingerprint)
@@ -330,6 +332,8 @@ def load(run_dir: str | Path, model: nn.Module) -> Job:
     ref = manifest.originals
     if ref.kind == "spilled":
         ref = ref.model_copy(update={"location": str(originals_folder(run_dir, manifest))})
+    elif ref.kind == "checkpoint" and originals_from is not None:
+        ref = ref.model_copy(update={"location": str(Path(originals_from).resolve())})
     ctx = ApplyContext(init=False, originals=originals_for(ref.kind, ref.location))
     the_plan = plan(spec, build_module_graph(model))
     _check_records(run_dir, manifest.patches, the_plan)

@@ -27,6 +27,7 @@ from surgeon.errors import ManifestError
 
 SCHEMA_VERSION = 2
 RUN_KEY_VARIABLE = "SURGEON_RUN_KEY"
+MAX_MANIFEST_BYTES = 64 << 20  # a 70B model's fingerprint is well under 1 MiB
 MANIFEST_FILE = "manifest.json"
 ADAPTER_FILE = "adapters.safetensors"
 TRAINED_BASE_PREFIX = "trained_base::"
@@ -191,8 +192,11 @@ def read_manifest(run_dir: Path) -> Manifest:
         raise ManifestError(f"run directory not found: {run_dir}")
     if not path.is_file():
         raise ManifestError(f"{run_dir} has no {MANIFEST_FILE}: not a surgeon run directory")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{path} is {path.stat().st_size:,} bytes, more than a manifest can be "
+                            f"({MAX_MANIFEST_BYTES:,}): not a surgeon manifest")
     try:
-        manifest = Manifest.model_validate_json(path.read_text())
+        manifest = Manifest.model_validate_json(path.read_text(encoding="utf-8"))
     except (ValidationError, ValueError) as err:
         first = err.errors()[0] if isinstance(err, ValidationError) else {"loc": (), "msg": str(err)}
         where = ".".join(str(p) for p in first["loc"])

@@ -267,28 +267,30 @@ def load_model(ref: str, *, checkpoint: str | None = None, meta: bool = False) -
 
 
 def reload_source(source: SourceRef, model_ref: str | None = None, checkpoint: str | None = None,
-                  full_fingerprint: bool = False) -> nn.Module:
-    """The base model a run was made from: the one the user names (`model_ref`), or the Hugging
-    Face directory the manifest records. A factory the manifest names is never run (a run
-    directory is untrusted), and a recorded directory whose files changed since apply is refused
-    unless every tensor was hashed at apply."""
+                  full_fingerprint: bool = False) -> tuple[nn.Module, Path | None]:
+    """The base model a run was made from, and the directory it was read from: the model the user
+    names (`model_ref`), or the Hugging Face directory the manifest records. A factory the manifest
+    names is never run (a run directory is untrusted), and a directory whose files differ from the
+    stamps taken at apply is refused before any weight is read, unless every tensor was hashed."""
     if model_ref is None and source.kind == "factory":
         hint = f" --checkpoint {source.checkpoint}" if source.checkpoint else ""
         raise ModelLoadError(f"this run was made from the model factory '{source.location}'; surgeon does not run "
                              f"code that a run directory names. If you trust it, name it yourself: --model "
                              f"{source.location}{hint}")
-    if model_ref is None and (source.kind == "memory" or not source.location):
-        raise ModelLoadError("this run was made from a model that exists only in memory; pass its base model "
+    if model_ref is None and (source.kind == "memory" or not source.location or not source.files):
+        raise ModelLoadError("this run does not record a model directory it was read from; pass its base model "
                              "with --model, or use surgeon.load(run_dir, model) in Python")
-    model, loaded = load_model(model_ref or source.location or "", checkpoint=checkpoint)
-    if loaded.kind == "hf" and loaded.location and source.files and not full_fingerprint:
-        changed = changed_source_files(source.files, Path(loaded.location))
+    ref = model_ref or str(source.location)
+    directory = Path(ref) if not _is_factory(ref) and Path(ref).is_dir() else None
+    if directory is not None and source.files and not full_fingerprint:
+        changed = changed_source_files(source.files, directory)
         if changed:
             raise ModelLoadError(
-                f"{Path(loaded.location) / changed[0]} is not the file the run was made from (size, mtime or "
-                "header differ), and the run hashed only the tensors it changed, so the others cannot be "
-                "vouched for. Restore the original file, or re-create the run with --full-fingerprint")
-    return model
+                f"{directory / changed[0]} is not the file the run was made from (size, mtime or header "
+                "differ), and the run hashed only the tensors it changed, so the others cannot be vouched "
+                "for. Restore the original file, or re-create the run with --full-fingerprint")
+    model, _ = load_model(ref, checkpoint=checkpoint)
+    return model, directory
 
 
 def save_base_model(model: nn.Module, out_dir: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:

@@ -184,4 +184,4 @@ def test_memory_run_cannot_be_reverted_from_the_cli(tmp_path):
     job = surgeon.apply("inject lora r=2 into *.attn.q", tiny_llama())
     job.save(tmp_path / "run")
     result = runner.invoke(app, ["revert", str(tmp_path / "run"), "--out", str(tmp_path / "out")])
-    assert result.exit_code == 2 and "exists only in memory" in result.output
+    assert result.exit_code == 2 and "does not record a model directory it was read from; pass its base model" in result.output

@@ -234,11 +234,15 @@ def test_source_folders_are_read_as_safetensors_only(workspace, damage):
         torch.save({"x": torch.zeros(1)}, model / "pytorch_model.bin")
         if damage == "pickle-only":
             (model / "model.safetensors").unlink()
-    for args in (["check", ROOT / "specs" / "lora-qv.peft", model] if damage != "pickle" else [],
-                 ["apply", ROOT / "specs" / "qlora.peft", model, "--out", workspace / "out"],
-                 ["revert", workspace / "run", "--out", workspace / "out"]):
-        if args:
-            cli_fails(args, expected, unchanged=workspace)
+    for args in (["check", ROOT / "specs" / "lora-qv.peft", model],
+                 ["apply", ROOT / "specs" / "qlora.peft", model, "--out", workspace / "out"]):
+        cli_fails(args, expected, unchanged=workspace)
+    # revert first compares the source's files with those the run was made from, then reads them
+    changed = {"extra-safetensors": "decoy.safetensors is not the file the run was made from",
+               "index": "model.safetensors.index.json is not the file the run was made from",
+               "index-outside": "model.safetensors.index.json is not the file the run was made from",
+               "pickle-only": "model.safetensors is not the file the run was made from"}.get(damage, expected)
+    cli_fails(["revert", workspace / "run", "--out", workspace / "out"], changed, unchanged=workspace)
 
 
 def test_config_architectures_pick_only_model_classes(workspace):
@@ -337,3 +341,17 @@ def test_leftovers_of_a_dead_writer_are_cleaned_or_recovered(tmp_path):
         write_dir(tmp_path / "run", fails)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the old run came back
     surgeon.load(tmp_path / "run", tiny_llama())
+
+
+def test_the_model_the_user_names_serves_the_originals_too(workspace):
+    run = workspace / "qrun"
+    result = runner.invoke(app, ["apply", str(ROOT / "specs" / "qlora.peft"), str(workspace / "model"),
+                                 "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    shutil.copytree(workspace / "model", workspace / "moved")  # copy2: the same bytes and mtimes
+    shutil.rmtree(workspace / "model")
+    cli_fails(["revert", run, "--out", workspace / "out"], "model path not found", unchanged=workspace)
+    result = runner.invoke(app, ["revert", str(run), "--model", str(workspace / "moved"), "--out",
+                                 str(workspace / "out")])
+    assert result.exit_code == 0, result.output
+    assert_same_files(workspace / "out", workspace / "moved")
