@@ -146,7 +146,9 @@ def assert_same_files(a: Path, b: Path) -> None:
 
 def train_losses(model: nn.Module, params, steps: int = 8, lr: float = 1e-2,
                  shape: tuple[int, int] = (4, 16)) -> list[float]:
-    """AdamW on `params` for `steps` steps of causal-LM loss on one fixed batch; the losses."""
+    """AdamW on `params` for `steps` steps of causal-LM loss on one fixed batch; the losses. Seeded,
+    so dropout draws the same masks whatever ran before (a seeded apply leaves torch's RNG alone)."""
+    torch.manual_seed(0)
     optimizer = torch.optim.AdamW(params, lr=lr)
     ids = batch(shape=shape)
     losses = []
