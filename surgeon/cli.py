@@ -75,7 +75,7 @@ def user_errors(command: F) -> F:
             if as_json:
                 print(json.dumps({"ok": False, "error": str(problem)}))
             else:
-                err.print(f"[bold red]error:[/] {problem}", highlight=False, markup=True, soft_wrap=True)
+                err.print(f"[bold red]error:[/] {escape(str(problem))}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return run  # type: ignore[return-value]
@@ -424,7 +424,7 @@ def import_command(
     if as_json:
         print(json.dumps({"ok": True, "run": str(out_dir), "spec": job.manifest.spec_text}))
         return
-    out.print(job.manifest.spec_text.strip())
+    out.print(escape(job.manifest.spec_text.strip()), highlight=False)
     out.print(f"wrote {out_dir}/manifest.json, {out_dir}/adapters.safetensors and {out_dir}/spec.peft")
 
 

@@ -45,7 +45,7 @@ class SpecError(SurgeonError):
             head = f"{self.source}: error: {self.message}"
             return head if not self.hint else f"{head}\n  {self.hint}"
         loc = self.location
-        lines = self.text.splitlines() or [""]
+        lines = self.text.split("\n")  # as Lark counts lines: str.splitlines() also splits at \f, \x1c, \u2028, ...
         line_text = lines[loc.line - 1] if 0 < loc.line <= len(lines) else ""
         width = max(1, (loc.end_column or loc.column + 1) - loc.column)
         caret = " " * (loc.column - 1) + "^" + "~" * (width - 1)
