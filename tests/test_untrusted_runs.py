@@ -355,3 +355,11 @@ def test_the_model_the_user_names_serves_the_originals_too(workspace):
                                  str(workspace / "out")])
     assert result.exit_code == 0, result.output
     assert_same_files(workspace / "out", workspace / "moved")
+
+
+@pytest.mark.parametrize("stars", [20, 10_000])
+def test_a_pattern_of_many_stars_fails_at_once(tmp_path, stars):
+    """The reproduction: 16 stars took 13-15 s in the backtracking regex, 20 would take hours (the
+    matcher's step count is tested linear in tests/test_language.py; no wall clock here)."""
+    cli_fails(["check", f"inject lora into {'*' * stars}zzz", ROOT / "examples" / "tiny-llama"],
+              "matches no module", unchanged=tmp_path)
