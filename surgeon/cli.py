@@ -220,12 +220,6 @@ def _is_factory_ref(ref: str) -> bool:
     return ":" in ref and not os.path.exists(ref)
 
 
-def _write_out(final: Path, write: Callable[[Path], Any]) -> None:
-    """Write into a sibling folder and swap it in at once: --out appears whole or not at all, and
-    a replaced --out stays whole until the new one stands."""
-    write_dir(final, write)
-
-
 @app.command("apply")
 @user_errors
 def apply_command(
@@ -246,7 +240,7 @@ def apply_command(
     with _status("loading and patching the model", as_json):
         job = apply_checkpoint(parsed, model, seed=seed, checkpoint=checkpoint, full_fingerprint=full_fingerprint,
                                device=device)
-    _write_out(out_dir, job.save)
+    write_dir(out_dir, job.save)
     summary = _plan_json(job.plan) | {"run": str(out_dir)}
     if as_json:
         print(json.dumps(summary))
@@ -303,7 +297,7 @@ def _rerun_and_write(run: Path, out_dir: Path, force: bool, as_json: bool, doing
         base, directory = reload_source(manifest.source, model, checkpoint, full_fingerprint=manifest.fingerprint_full)
     with _status(doing, as_json):
         result = finish(load(run, base, originals_from=directory))
-    _write_out(out_dir, lambda staging: write(result, staging))
+    write_dir(out_dir, lambda staging: write(result, staging))
     return manifest
 
 
@@ -420,7 +414,7 @@ def import_command(
     _fresh_out(out_dir, force, peft_dir, model, checkpoint)
     with _status("importing", as_json):
         job = import_peft(peft_dir, model, checkpoint=checkpoint)
-        _write_out(out_dir, job.save)
+        write_dir(out_dir, job.save)
     if as_json:
         print(json.dumps({"ok": True, "run": str(out_dir), "spec": job.manifest.spec_text}))
         return
