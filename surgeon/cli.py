@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -19,10 +18,11 @@ from rich.table import Table
 from rich.tree import Tree
 from torch import nn
 
+from surgeon import progress
 from surgeon.bnb_format import check_bnb_4bit, save_bnb_4bit
 from surgeon.errors import SurgeonError, did_you_mean
 from surgeon.files import same_or_nested, write_dir
-from surgeon.graph import ModuleGraph, build_module_graph, dtype_size
+from surgeon.graph import ModuleGraph, build_module_graph
 from surgeon.job import apply_checkpoint
 from surgeon.job import Job, import_peft, load
 from surgeon.language import parse_spec, read_spec_text
@@ -31,6 +31,7 @@ from surgeon.methods.base import registry
 from surgeon.models import load_model, reload_source, sample_output, save_base_model
 from surgeon.patterns import PatternError, compile_pattern
 from surgeon.planner import Plan, plan
+from surgeon.report import plan_summary, print_plan
 
 app = typer.Typer(
     help="Declarative model surgery for parameter-efficient fine-tuning.\n\n"
@@ -70,7 +71,8 @@ def user_errors(command: F) -> F:
         as_json = kwargs.get("as_json", False)
         try:
             _quiet_libraries()
-            return command(*args, **kwargs)
+            with progress.settings(enabled=not as_json, console=err):  # --json: no bars on stderr
+                return command(*args, **kwargs)
         except SurgeonError as problem:
             if as_json:
                 print(json.dumps({"ok": False, "error": str(problem)}))
@@ -99,92 +101,11 @@ def _plan_for(spec: str, model_ref: str, checkpoint: str | None) -> tuple[Plan, 
 
 
 def _plan_json(the_plan: Plan) -> dict[str, Any]:
-    rewrites = [
-        {
-            "target": r.target.path,
-            "role": r.target.role,
-            "method": f"{r.verb} {r.method}",
-            "type": r.target.type_name,
-            "slices": list(r.target.slices),
-            "weight_shape": r.target.weight_shape,
-            "params": r.params,
-            "added": {k: list(v) for k, v in r.added.items()},
-            "added_count": r.added_count,
-            "trained": {k: list(v) for k, v in r.trained.items()},
-            "trained_count": r.trained_count,
-            "bytes_before": r.bytes_before,
-            "bytes_after": r.bytes_after,
-        }
-        for r in the_plan.rewrites
-    ]
-    added_bytes = sum(r.added_count * dtype_size(r.target.dtype or "float32") for r in the_plan.rewrites)
-    shrunk = [r for r in the_plan.rewrites if r.bytes_after != r.bytes_before]
-    shrunk_numel = sum(math.prod(r.target.weight_shape or ()) for r in shrunk)
-    return {
-        "ok": True,
-        "rewrites": rewrites,
-        "per_method": _per_method(the_plan),
-        "totals": {
-            "rewrites": len(rewrites),
-            "trainable_parameters": the_plan.trainable_parameters,
-            "base_parameters": the_plan.base_parameters,
-            "trainable_share": the_plan.trainable_parameters / max(1, the_plan.base_parameters),
-            "added_bytes": added_bytes,
-            "memory_before": the_plan.base_bytes,
-            "memory_after": the_plan.base_bytes + added_bytes + sum(r.bytes_after - r.bytes_before for r in shrunk),
-            "quantized_bits_per_parameter": 8 * sum(r.bytes_after for r in shrunk) / shrunk_numel if shrunk else None,
-        },
-    }
-
-
-def _per_method(the_plan: Plan) -> dict[str, int]:
-    """Trainable parameters each method brings (added plus the base's own it trains)."""
-    counts: dict[str, int] = {}
-    for r in the_plan.rewrites:
-        key = f"{r.verb} {r.method}"
-        counts[key] = counts.get(key, 0) + r.added_count + r.trained_count
-    return counts
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def _trainable_cell(r: dict[str, Any]) -> str:
-    """`1,024 new (lora_A 4x64, ...)` and/or `192 own (bias 192)`; `-` when the rewrite trains nothing."""
-    parts = []
-    for count, shapes, label in ((r["added_count"], r["added"], "new"), (r["trained_count"], r["trained"], "own")):
-        if shapes:
-            listed = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in shapes.items())
-            parts.append(f"{count:,} {label} ({listed})")
-    return "; ".join(parts) or "-"
+    return plan_summary(the_plan)
 
 
 def _print_plan(summary: dict[str, Any]) -> None:
-    table = Table(title="plan", title_justify="left")
-    for column in ("target", "role", "method", "shape", "trainable"):
-        table.add_column(column, no_wrap=column != "trainable")
-    for r in summary["rewrites"]:
-        shape = "x".join(map(str, r["weight_shape"] or ()))
-        if r["slices"]:
-            shape += f" [{','.join(r['slices'])}]"
-        role = ",".join(r["slices"]) if r["slices"] else r["role"] or ""
-        table.add_row(r["target"], role, r["method"], escape(shape), _trainable_cell(r))
-    out.print(table)
-    out.print("per method: " + "; ".join(f"{method} {count:,}" for method, count in summary["per_method"].items()))
-    totals = summary["totals"]
-    out.print(
-        f"{totals['rewrites']} rewrites; trainable parameters {totals['trainable_parameters']:,} "
-        f"of {totals['base_parameters']:,} ({100 * totals['trainable_share']:.4f}%); "
-        f"added memory {_human_bytes(totals['added_bytes'])}"
-    )
-    if totals["memory_after"] != totals["memory_before"] + totals["added_bytes"]:
-        out.print(f"memory {_human_bytes(totals['memory_before'])} -> {_human_bytes(totals['memory_after'])}; "
-                  f"quantized weights at {totals['quantized_bits_per_parameter']:.3f} bits per parameter")
+    print_plan(summary, out)
 
 
 @app.command()

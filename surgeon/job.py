@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import warnings
 import tempfile
 import uuid
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from rich.console import Console
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from surgeon import checkpoints
 from surgeon.errors import ManifestError, PlanError, RevertError, SurgeonError
 from surgeon.files import write_dir
 from surgeon.graph import build_module_graph
@@ -24,15 +29,18 @@ from surgeon.manifest import (ADAPTER_FILE, MANIFEST_FILE, ORIGINALS_DIR, STATE_
                               OriginalsRef, PatchRecord, SourceRef, originals_folder, read_manifest, sha256_file,
                               tensor_record)
 from surgeon.methods.base import ApplyContext
-from surgeon.models import (checkpoint_matches, load_model, load_model_skeleton, resolve_device,
+from surgeon.models import (checkpoint_matches, load_model, load_model_skeleton, resolve_device, source_of,
                             stream_checkpoint)
 from surgeon.peft_format import export_peft, fill_from_peft, read_peft_dir, spec_from_peft
 from surgeon.originals import CheckpointOriginals, Originals, SpilledOriginals, originals_for
-from surgeon.planner import Plan, method_of, plan
+from surgeon.planner import LivePatch, Plan, method_of, plan
+from surgeon.progress import working
 from surgeon.revert import check_tensors, revert_surgery
 from surgeon.spec import Spec
-from surgeon.surgery import Surgery, apply_plan
-from surgeon.transaction import transaction
+from surgeon.steps import StepDriver, has_per_step_methods
+from surgeon.surgery import Surgery, apply_plan, touched_tensor_names
+from surgeon.report import plan_summary, print_plan
+from surgeon.transaction import Snapshot, transaction
 
 
 class Job:
@@ -45,6 +53,9 @@ class Job:
         # revert, when the job is garbage-collected, or at exit (`save` copies it into the run)
         self._scratch = weakref.finalize(self, shutil.rmtree, str(scratch), True) if scratch else None
         _LIVE.setdefault(surgery.model, []).append(weakref.ref(self))
+        checkpoints.attach(self)
+        patches = [patch for _, patch in surgery.patches]
+        self._steps = StepDriver(self) if has_per_step_methods(patches) else None
 
     @property
     def model(self) -> nn.Module:
@@ -79,18 +90,77 @@ class Job:
         return found
 
     def step(self, global_step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Call after each `optimizer.step()`: methods that change during training act here
-        (AdaLoRA allocates its rank budget, ReLoRA merges and restarts). A no-op for the others."""
+        """Explicit control of the methods that change during training (AdaLoRA allocates its
+        rank budget, ReLoRA merges and restarts): call after each `optimizer.step()`. Without
+        it, they act on every step of an optimizer that holds the job's parameters (see
+        surgeon/steps.py); the first call hands the stepping over to you. A no-op for the others."""
+        self._live()
+        if self._steps is not None:
+            self._steps.manual_steps = True
+            if self._steps.last_automatic == global_step:  # this optimizer step was already taken care of
+                self._steps.last_automatic = None
+                return
+        self._step_patches(global_step, optimizer)
+
+    def _step_patches(self, global_step: int, optimizer: torch.optim.Optimizer | None) -> None:
         for _, patch in self._live().patches:
             patch.step(global_step, optimizer)
 
     def regularization(self) -> torch.Tensor:
-        """The methods' loss terms, summed (AdaLoRA's orthogonality); add it to the loss. Zero
+        """The methods' loss terms, summed (AdaLoRA's orthogonality), for you to add to the loss;
+        once you ask for it, surgeon no longer adds its gradient at each optimizer step. Zero
         when no method has one."""
+        if self._steps is not None:
+            self._steps.manual_regularization = True
+        term = self._regularization_term()
+        return torch.zeros(()) if term is None else term
+
+    def _regularization_term(self) -> torch.Tensor | None:
         terms = [t for _, patch in self._live().patches if (t := patch.regularization()) is not None]
         if not terms:
-            return torch.zeros(())
+            return None
         return torch.stack([t.to(terms[0].dtype).to(terms[0].device) for t in terms]).sum()
+
+    @contextmanager
+    def disabled(self) -> Iterator[nn.Module]:
+        """Inside the block the model computes what it computed before apply, bit for bit, without
+        a revert: adapters, prompts, prefixes and trained base tensors are set aside (the
+        reference model of DPO, PEFT's `disable_adapter()`). A quantized base stays quantized, as
+        in PEFT. On leaving, the very same objects are back; nothing done to the model inside
+        the block survives it."""
+        surgery = self._live()
+        adapting = [patch for _, patch in surgery.patches if patch.adapts]
+        trained = {name: p for patch in adapting for name, p in patch.trained_base_parameters().items()}
+        snapshot = Snapshot(surgery.model, surgery.patches, values=tuple(trained.values()))
+        try:
+            with torch.no_grad():
+                for patch in reversed(adapting):
+                    patch.revert()
+                for name, param in trained.items():
+                    param.copy_(surgery.base_originals[name])
+            yield surgery.model
+        finally:
+            snapshot.restore()
+
+    def summary(self, as_dict: bool = False) -> str | dict[str, Any]:
+        """What `surgeon check` prints for this job's plan: as text, or (`as_dict`) as `--json` gives it,
+        with the live model's trainable and total parameter counts."""
+        found = plan_summary(self.plan)
+        params = {id(p): p for p in self.model.parameters()}.values()
+        found["live"] = {"trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+                         "all_parameters": sum(p.numel() for p in params)}
+        if as_dict:
+            return found
+        console = Console(file=io.StringIO(), width=120, color_system=None, highlight=False)
+        print_plan(found, console)
+        return console.file.getvalue()  # type: ignore[attr-defined]
+
+    def print_trainable_parameters(self) -> None:
+        """PEFT's one line: trainable params, all params, trainable share."""
+        live = self.summary(as_dict=True)["live"]  # type: ignore[index]
+        share = 100 * live["trainable_parameters"] / max(1, live["all_parameters"])
+        print(f"trainable params: {live['trainable_parameters']:,} || all params: {live['all_parameters']:,} "
+              f"|| trainable%: {share:.4f}")
 
     def optimizer(self, name: str = "adamw", **options: Any) -> torch.optim.Optimizer:
         """An optimizer over `trainable_parameters()`. "paged_adamw" is bitsandbytes' paged AdamW
@@ -131,26 +201,33 @@ class Job:
             write_dir(run_dir, lambda staging: export_peft(surgery.patches, staging, source.location
                                                            if source.kind == "hf" else None, surgery.model))
             return run_dir
+        spilled = self.manifest.originals
+        written = [self.manifest]
+        write_dir(run_dir, lambda staging: written.append(self.write_run(staging, copy_originals=True)))
+        surgery.manifest = written[-1].model_copy(update={"originals": spilled})
+        return run_dir
+
+    def write_run(self, folder: Path, copy_originals: bool) -> Manifest:
+        """Write the run's files into `folder` (a fresh staging folder) and return the manifest
+        written. Spilled originals are copied in, or (a training checkpoint, `copy_originals`
+        False) left to be spilled again from the base model that `surgeon.load` is given."""
         tensors = self._tensors_to_save()
         spilled = self.manifest.originals
         spilled_dir = Path(spilled.location) if spilled.kind == "spilled" and spilled.location else None
-        written: list[Manifest] = []
-
-        def write(staging: Path) -> None:
-            save_file(tensors, str(staging / ADAPTER_FILE))
-            (staging / "spec.peft").write_text(self.manifest.spec_text, encoding="utf-8")
-            update: dict[str, object] = {"adapter_sha256": sha256_file(staging / ADAPTER_FILE)}
-            if spilled_dir is not None and spilled_dir.is_dir():
-                shutil.copytree(spilled_dir, staging / ORIGINALS_DIR)
-                update["originals"] = spilled.model_copy(update={"location": ORIGINALS_DIR})
-            elif spilled_dir is not None:  # nothing was spilled: the run needs no originals
-                update["originals"] = OriginalsRef()
-            written.append(self.manifest.model_copy(update=update))
-            written[0].write(staging)
-
-        write_dir(run_dir, write)
-        surgery.manifest = written[0].model_copy(update={"originals": spilled})
-        return run_dir
+        with working("writing the run"):
+            save_file(tensors, str(folder / ADAPTER_FILE))
+        (folder / "spec.peft").write_text(self.manifest.spec_text, encoding="utf-8")
+        update: dict[str, object] = {"adapter_sha256": sha256_file(folder / ADAPTER_FILE)}
+        if spilled_dir is not None and not spilled_dir.is_dir():  # nothing was spilled: the run needs no originals
+            update["originals"] = OriginalsRef()
+        elif spilled_dir is not None and copy_originals:
+            shutil.copytree(spilled_dir, folder / ORIGINALS_DIR)
+            update["originals"] = spilled.model_copy(update={"location": ORIGINALS_DIR})
+        elif spilled_dir is not None:
+            update["originals"] = OriginalsRef(kind="base")
+        manifest = self.manifest.model_copy(update=update)
+        manifest.write(folder)
+        return manifest
 
     def _tensors_to_save(self) -> dict[str, torch.Tensor]:
         surgery = self._live()
@@ -206,6 +283,9 @@ class Job:
                               "job first: jobs on one model revert in the reverse order of their applies")
         model = revert_surgery(surgery)
         self._reverted = True
+        checkpoints.detach(self)
+        if self._steps is not None:
+            self._steps.remove()
         _LIVE[surgery.model] = [ref for ref in _LIVE[surgery.model] if ref() not in (None, self)]
         if self._scratch is not None:
             self._scratch()
@@ -246,8 +326,13 @@ def _spec_of(spec: str | Path | Spec) -> Spec:
 
 
 def check(spec: str | Path | Spec, model: nn.Module) -> Plan:
-    """Parse and plan without changing anything; raises on any problem."""
-    return plan(_spec_of(spec), build_module_graph(model))
+    """Parse and plan without changing anything; raises on any problem. On a model that live jobs
+    patched, the new rewrites must stack on theirs (the planner says why not)."""
+    return plan(_spec_of(spec), build_module_graph(model), live=_live_patches(model))
+
+
+def _live_patches(model: nn.Module) -> list[LivePatch]:
+    return [LivePatch.of(rewrite, job.plan.spec) for job in _live_jobs(model) for rewrite, _ in job._surgery.patches]
 
 
 def _originals_for(source: SourceRef, spill_to: str | Path | None) -> tuple[Originals, OriginalsRef]:
@@ -268,7 +353,7 @@ def apply(spec: str | Path | Spec, model: nn.Module, *, seed: int | None = None,
     names the checkpoint they can be re-read from."""
     the_plan = check(spec, model)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None  # the global RNG stays the caller's
-    source = source or SourceRef(kind="memory")
+    source = source or source_of(model, touched_tensor_names(model, the_plan), full_fingerprint)
     originals, ref = _originals_for(source, originals_dir)
     scratch = Path(originals.location) if originals_dir is None and isinstance(originals, SpilledOriginals) else None
     try:
@@ -334,11 +419,22 @@ def load(run_dir: str | Path, model: nn.Module, *, originals_from: str | Path | 
         ref = ref.model_copy(update={"location": str(originals_folder(run_dir, manifest))})
     elif ref.kind == "checkpoint" and originals_from is not None:
         ref = ref.model_copy(update={"location": str(Path(originals_from).resolve())})
-    ctx = ApplyContext(init=False, originals=originals_for(ref.kind, ref.location))
-    the_plan = plan(spec, build_module_graph(model))
+    scratch = None
+    if ref.kind == "base":  # a training checkpoint: the model given holds the originals, spill them anew
+        originals, ref = _originals_for(SourceRef(kind="memory"), None)
+        scratch = Path(originals.location)
+    else:
+        originals = originals_for(ref.kind, ref.location)
+    the_plan = check(spec, model)
     _check_records(run_dir, manifest.patches, the_plan)
-    surgery = apply_plan(the_plan, model, source=manifest.source, ctx=ctx, originals_ref=ref)
-    job = Job(surgery)
+    try:
+        surgery = apply_plan(the_plan, model, source=manifest.source, ctx=ApplyContext(init=False, originals=originals),
+                             originals_ref=ref)
+    except BaseException:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    job = Job(surgery, scratch)
     try:
         for record, (_, patch) in zip(manifest.patches, surgery.patches):
             if record.folded:  # the run holds the folded tensors: fold before filling them in

@@ -66,7 +66,9 @@ class OriginalsRef(BaseModel):
     """Where replaced originals can be read back (see surgeon/originals.py)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    kind: Literal["none", "checkpoint", "spilled"] = "none"
+    # "base": a training checkpoint leaves them out; they are spilled again from the base model
+    # that `surgeon.load` is given (its tensors are checked against the fingerprint first)
+    kind: Literal["none", "checkpoint", "spilled", "base"] = "none"
     location: str | None = None  # a checkpoint directory, or a folder (relative: inside the run)
 
 
@@ -158,6 +160,8 @@ def _check_originals(run_dir: Path, manifest: Manifest) -> None:
     elif ref.kind == "checkpoint" and (manifest.source.kind != "hf" or ref.location != manifest.source.location):
         raise ManifestError(f"{run_dir / MANIFEST_FILE}: the originals of a run are read from its source "
                             f"checkpoint, but it names '{ref.location}', which is not that checkpoint")
+    elif ref.kind in ("base", "none") and ref.location is not None:
+        raise ManifestError(f"{run_dir / MANIFEST_FILE}: originals of kind '{ref.kind}' name no location")
 
 
 def originals_folder(run_dir: Path, manifest: Manifest) -> Path:

@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -14,9 +15,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
+from surgeon.checkpoints import whole_model
 from surgeon.errors import ModelLoadError
 from surgeon.manifest import FileStamp, SourceRef
 from surgeon.originals import checkpoint_index
+from surgeon.progress import working
 
 
 def _is_factory(ref: str) -> bool:
@@ -109,7 +112,8 @@ def _load_hf(model_dir: Path, meta: bool) -> nn.Module:
             config = AutoConfig.from_pretrained(model_dir)
             with torch.device("meta"):
                 return cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
-        return cls.from_pretrained(model_dir, dtype="auto", use_safetensors=True)
+        with working("reading the checkpoint"):
+            return cls.from_pretrained(model_dir, dtype="auto", use_safetensors=True)
     except ModelLoadError:
         raise
     except (OSError, ValueError, SafetensorError, RuntimeError) as err:
@@ -266,6 +270,53 @@ def load_model(ref: str, *, checkpoint: str | None = None, meta: bool = False) -
     return model, SourceRef(kind="hf", location=str(path.resolve()), files=source_stamps(path))
 
 
+def source_of(model: nn.Module, touched: set[str], full: bool = False) -> SourceRef:
+    """Where an in-memory model came from: the directory `from_pretrained` read it from (it keeps
+    it as `name_or_path`), when that directory still holds the model's tensors, else "memory".
+    The tensors a run changes are compared whole (revert may re-read them from there); every
+    other one by its dtype, shape and a sample of its values (all of them whole with `full`)."""
+    memory = SourceRef(kind="memory")
+    location = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", "")
+    directory = Path(str(location)) if location else None
+    if directory is None or not directory.is_dir() or not (directory / "config.json").is_file():
+        return memory
+    try:
+        _refuse_pickles(directory)
+        index = checkpoint_index(directory)
+        if not index or not _holds_tensors(model, directory, index, touched, full):
+            return memory
+        return SourceRef(kind="hf", location=str(directory.resolve()), files=source_stamps(directory))
+    except (ModelLoadError, OSError, SafetensorError):
+        return memory
+
+
+def _holds_tensors(model: nn.Module, directory: Path, index: dict[str, Path], touched: set[str], full: bool) -> bool:
+    state = model.state_dict(keep_vars=True)
+    if not set(index) <= set(state) or not checkpoint_matches(directory, model):
+        return False
+    by_file: dict[Path, list[str]] = {}
+    for name, path in index.items():
+        by_file.setdefault(path, []).append(name)
+    for path, names in by_file.items():
+        with safe_open(str(path), framework="pt") as handle:
+            for name in names:
+                if not _same(state[name].detach(), handle, name, whole=full or name in touched):
+                    return False
+    return True
+
+
+def _same(tensor: torch.Tensor, handle: Any, name: str, whole: bool) -> bool:
+    piece = handle.get_slice(name)
+    if tensor.device.type == "meta" or list(piece.get_shape()) != list(tensor.shape):
+        return False
+    if whole or tensor.dim() == 0 or tensor.numel() <= 4096:
+        stored = handle.get_tensor(name)
+    else:  # the first and last rows: a model trained or edited after loading differs there too
+        stored = torch.cat([piece[:1].flatten(), piece[-1:].flatten()])
+        tensor = torch.cat([tensor[:1].flatten(), tensor[-1:].flatten()])
+    return stored.dtype == tensor.dtype and torch.equal(stored, tensor.cpu())
+
+
 def reload_source(source: SourceRef, model_ref: str | None = None, checkpoint: str | None = None,
                   full_fingerprint: bool = False) -> tuple[nn.Module, Path | None]:
     """The base model a run was made from, and the directory it was read from: the model the user
@@ -296,12 +347,13 @@ def reload_source(source: SourceRef, model_ref: str | None = None, checkpoint: s
 def save_base_model(model: nn.Module, out_dir: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write the model as a Hugging Face directory (or plain model.safetensors for other models)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(out_dir, state_dict=state_dict)
-    elif state_dict is not None:
-        save_file(state_dict, str(out_dir / "model.safetensors"))
-    else:
-        save_model(model, str(out_dir / "model.safetensors"))
+    with whole_model(model), working("writing the checkpoint"):  # a live job would make save_pretrained write its run
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(out_dir, state_dict=state_dict)
+        elif state_dict is not None:
+            save_file(state_dict, str(out_dir / "model.safetensors"))
+        else:
+            save_model(model, str(out_dir / "model.safetensors"))
 
 
 @torch.no_grad()

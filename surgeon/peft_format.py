@@ -38,9 +38,14 @@ def export_peft(patches: list[tuple[Rewrite, Any]], out_dir: Path, base_model: s
     With `model`, module lists are written as PEFT users write them (`["q_proj", "v_proj"]`)
     where those names pick exactly the same modules."""
     adapters = [(r, p) for r, p in patches if method_of(r).verb != "quantize"]
+    saved = [(r, p) for r, p in adapters if method_of(r).peft_scope == "modules_to_save"]
+    adapters = [(r, p) for r, p in adapters if method_of(r).peft_scope != "modules_to_save"]
     if not adapters:
-        raise ExportError("the run adds no adapter: there is nothing to export to PEFT")
+        raise ExportError("the run adds no adapter: there is nothing to export to PEFT" + (
+            " (PEFT's modules_to_save, what train weights exports to, goes beside an adapter)" if saved else ""))
     if any(method_of(r).peft_scope == "model" for r, _ in adapters):
+        if saved:
+            raise ExportError("train weights beside a prompt-learning method is not exported to PEFT")
         return _export_prompt_learning(adapters, out_dir, base_model, model)
     config = _merged_config(adapters)
     tensors: dict[str, torch.Tensor] = {}
@@ -54,8 +59,9 @@ def export_peft(patches: list[tuple[Rewrite, Any]], out_dir: Path, base_model: s
             owner, _, leaf = name.rpartition(".")
             peft_name = f"{owner}.base_layer.{leaf}" if owner in targets else name
             tensors[_PREFIX + peft_name] = param.detach()
+    saved_paths = _export_saved(saved, targets, model, tensors)
     config |= {"target_modules": sorted(targets), "base_model_name_or_path": base_model, "task_type": None,
-               "inference_mode": True, "modules_to_save": None}
+               "inference_mode": True, "modules_to_save": _saved_names(saved_paths, model) if saved_paths else None}
     if model is not None:
         names = [name for name, _ in model.named_modules() if name]
         for key in ("target_modules", "feedforward_modules"):
@@ -65,6 +71,48 @@ def export_peft(patches: list[tuple[Rewrite, Any]], out_dir: Path, base_model: s
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(out_dir / WEIGHTS_FILE))
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return config
+
+
+def _export_saved(saved: list[tuple[Rewrite, Any]], targets: set[str], model: nn.Module | None,
+                  tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The tensors of the modules `train weights` trained, as PEFT saves a module to save (under the
+    module's own names, `classifier.weight`), into `tensors`; the modules' paths."""
+    graph = build_module_graph(model) if model is not None and saved else None
+    paths = []
+    for rewrite, patch in saved:
+        path, params = rewrite.target.path, params_of(rewrite)
+        tied = graph.tied_outside(path) if graph is not None else (["another module"] if params.tied else [])
+        if tied:
+            raise ExportError(f"{path} shares its weights with {', '.join(tied)}: PEFT's modules_to_save trains a "
+                              "copy of it, which unties them, while surgeon trained the shared tensor in place")
+        inside = sorted(t for t in targets if t == path or t.startswith(path + "."))
+        if inside:
+            raise ExportError(f"{inside[0]} is adapted inside {path}, which train weights trains: PEFT's "
+                              "modules_to_save would copy the adapter with it")
+        trained = {n: p.detach() for n, p in patch.trained_base_parameters().items()}
+        for local, tensor in method_of(rewrite).to_peft_tensors(rewrite.target, params, trained).items():
+            tensors[f"{_PREFIX}{path}.{local}"] = tensor
+        paths.append(path)
+    return paths
+
+
+def _saved_names(paths: list[str], model: nn.Module | None) -> list[str]:
+    """`modules_to_save` as PEFT users write it: a module whose every tensor is saved stands for its
+    layers (`classifier`, not `classifier.dense`, `classifier.out_proj`), and last names
+    (`embed_tokens`, `norm`) where PEFT's own match (`name.endswith(entry)`) picks exactly them."""
+    if model is None:
+        return sorted(paths)
+    names = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
+    exported = {f"{p}.{local}" for p in paths for local, _ in model.get_submodule(p).named_parameters()}
+    whole = set(paths)
+    for name in sorted(names, key=lambda n: n.count(".")):  # outermost first
+        module = model.get_submodule(name)
+        held = {f"{name}.{key}" for key in module.state_dict(keep_vars=True)}
+        if held and held <= exported and not any(name.startswith(w + ".") for w in whole if w != name):
+            whole = {w for w in whole if not w.startswith(name + ".")} | {name}
+    short = sorted({path.rsplit(".", 1)[-1] for path in whole})
+    picked = {name for name in names if any(name.endswith(entry) for entry in short)}
+    return short if picked == whole else sorted(whole)
 
 
 def _export_prompt_learning(adapters: list[tuple[Rewrite, Any]], out_dir: Path, base_model: str | None,
@@ -166,10 +214,15 @@ def spec_from_peft(config: dict[str, Any], tensors: dict[str, torch.Tensor],
         raise ExportError(f"PEFT type {config['peft_type']} has no surgeon method")
     if all(m.peft_scope == "model" for m in candidates):  # prompt learning: top-level tensors
         return candidates[0].statement_from_peft(config, []), {"": tensors}
-    by_module = _tensors_by_module(tensors, {name for name, _ in model.named_modules() if name})
+    modules = {name for name, _ in model.named_modules() if name}
+    saved, tensors = _split_saved(tensors, config.get("modules_to_save") or [], model)
+    by_module = _tensors_by_module(tensors, modules)
     targets = sorted(path for path, found in by_module.items() if any(not n.startswith("base_layer.") for n in found))
     if not targets:
         raise ExportError("the PEFT adapter holds no tensors of a module of this model")
+    saved_by_module = _tensors_by_module(saved, modules)
+    extra = _saved_statement(config, sorted(saved_by_module), model) if saved_by_module else ""
+    by_module |= saved_by_module
     reasons = []
     for method in candidates:
         try:
@@ -179,8 +232,36 @@ def spec_from_peft(config: dict[str, Any], tensors: dict[str, torch.Tensor],
             continue
         names = config.get("target_modules")
         short = _shorter_targets(statement, names, model) if isinstance(names, list) else statement
-        return _allow_ties(short, model), by_module
+        return _allow_ties(short, model) + extra, by_module
     raise ExportError("; ".join(reasons))
+
+
+def _split_saved(tensors: dict[str, torch.Tensor], names: list[str],
+                 model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(tensors of the modules PEFT saves, the others). A module is saved when its path ends with
+    an entry of `modules_to_save` (PEFT's own match, `name.endswith(entry)`)."""
+    if isinstance(names, str):
+        names = [names]
+    roots = [path for path, _ in model.named_modules() if path and any(path.endswith(n) for n in names)]
+    saved, rest = {}, {}
+    for key, tensor in tensors.items():
+        name = key.removeprefix(_PREFIX)
+        inside = any(name.startswith(root + ".") for root in roots)
+        (saved if inside else rest)[key] = tensor
+    return saved, rest
+
+
+def _saved_statement(config: dict[str, Any], paths: list[str], model: nn.Module) -> str:
+    """The `train weights` line for the layers PEFT saves. PEFT trains a copy of a saved module, so
+    one that shares a weight (a tied head) is untied there and cannot be said as training in place."""
+    graph = build_module_graph(model)
+    for path in paths:
+        tied = graph.tied_outside(path)
+        if tied:
+            raise ExportError(f"the PEFT adapter saves {path}, which shares its weights with {', '.join(tied)}: PEFT "
+                              "trains an untied copy, surgeon would train the shared tensor (not imported)")
+    method = next(m for m in registry().values() if m.peft_scope == "modules_to_save")
+    return "\n" + method.statement_from_peft(config, paths)
 
 
 def _shorter_targets(statement: str, names: list[str], model: nn.Module) -> str:
@@ -236,13 +317,18 @@ def fill_from_peft(patches: list[tuple[Rewrite, Any]], by_module: dict[str, dict
         for rewrite, patch in patches:
             found = by_module.get(rewrite.target.path, {})
             own = {n: t for n, t in found.items() if not n.startswith("base_layer.")}
-            local = method_of(rewrite).from_peft_tensors(rewrite.target, params_of(rewrite), own)
-            added = patch.added_parameters()
+            method = method_of(rewrite)
+            local = method.from_peft_tensors(rewrite.target, params_of(rewrite), own)
+            saves = method.peft_scope == "modules_to_save"  # the module's own tensors, by model name
+            added = patch.trained_base_parameters() if saves else patch.added_parameters()
+            lacking = sorted(set(added) - set(local)) if saves else []
+            if lacking:
+                raise ExportError(f"the PEFT adapter saves {rewrite.target.path} without {lacking[0]}")
             for name, tensor in local.items():
+                label = name if saves else f"{rewrite.target.path}.{name}"
                 if name not in added or added[name].shape != tensor.shape:
                     shape = tuple(added[name].shape) if name in added else None
-                    raise ExportError(f"the PEFT tensor for {rewrite.target.path}.{name} is {tuple(tensor.shape)}, "
-                                      f"surgeon expects {shape}")
+                    raise ExportError(f"the PEFT tensor for {label} is {tuple(tensor.shape)}, surgeon expects {shape}")
                 added[name].copy_(tensor)
             for name, param in patch.trained_base_parameters().items():
                 leaf = name.rpartition(".")[2]

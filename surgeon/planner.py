@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, get_args
 
 import networkx as nx
@@ -19,6 +21,7 @@ from surgeon.errors import Location, PlanError, SpecError, did_you_mean
 from surgeon.graph import ModuleGraph, ModuleInfo
 from surgeon.methods.base import Method, MethodParams, Target, WordArgs, WordError, registry
 from surgeon.patterns import PatternError, compile_pattern
+from surgeon.peft_names import peft_hint
 from surgeon.spec import Clause, Param, Spec, Statement, Word
 
 
@@ -63,7 +66,24 @@ class Plan(BaseModel):
         return self.added_parameters + sum(trained.values())
 
 
-def method_of(rewrite: Rewrite) -> type[Method]:
+@dataclass(frozen=True)
+class LivePatch:
+    """A patch of an earlier job still live on the model being planned: a new spec stacks on it
+    where its method allows (`stacks_on`) and is refused with the reason elsewhere."""
+
+    path: str
+    verb: str
+    method: str
+    statement: str  # the spec line that made it, for messages
+
+    @classmethod
+    def of(cls, rewrite: Rewrite, spec: Spec) -> LivePatch:
+        lines = spec.text.split("\n")  # lines as Lark counts them (see SpecError.render)
+        line = lines[rewrite.location.line - 1].strip() if 0 < rewrite.location.line <= len(lines) else ""
+        return cls(rewrite.target.path, rewrite.verb, rewrite.method, line or f"{rewrite.verb} {rewrite.method}")
+
+
+def method_of(rewrite: Rewrite | LivePatch) -> type[Method]:
     return registry()[(rewrite.verb, rewrite.method)]
 
 
@@ -72,8 +92,8 @@ def params_of(rewrite: Rewrite) -> MethodParams:
 
 
 class _Planner:
-    def __init__(self, spec: Spec, graph: ModuleGraph) -> None:
-        self.spec, self.graph = spec, graph
+    def __init__(self, spec: Spec, graph: ModuleGraph, live: Sequence[LivePatch] = ()) -> None:
+        self.spec, self.graph, self.live = spec, graph, tuple(live)
         self.candidates = list(graph.candidates())
 
     def error(self, message: str, location: Location | None, hint: str | None = None) -> SpecError:
@@ -119,8 +139,9 @@ class _Planner:
             location = by_key[key].location if key in by_key else statement.location
             if problem["type"] == "extra_forbidden":
                 known = list(method.Params.model_fields)
+                hint = peft_hint(method, key, statement) or did_you_mean(key, known)
                 raise self.error(f"unknown parameter '{key}' for {method.name}", location,
-                                 did_you_mean(key, known) or "parameters: " + ", ".join(known)) from None
+                                 hint or "parameters: " + ", ".join(known)) from None
             if problem["type"] == "missing":
                 field = method.Params.model_fields.get(key)
                 description = field.description if field is not None else None
@@ -175,7 +196,9 @@ class _Planner:
         for clause in clauses:
             found = self.match(clause)
             if lenient and clause.preposition != "except":
-                found = {p: s for p, s in found.items() if self.graph.modules[p].kind in method.kinds}
+                covered = self.covered(method)
+                found = {p: s for p, s in found.items()
+                         if self.graph.modules[p].kind in method.kinds and p not in covered}
             if not found and (clause.preposition == "except" and clause not in statement.clauses):
                 continue  # an exclusion the method added itself may find nothing to exclude
             if not found:
@@ -198,6 +221,13 @@ class _Planner:
             raise self.error("nothing is left to patch after 'except'", statement.location,
                              "the except patterns remove every module the statement matched")
         return chosen, lenient
+
+    def covered(self, method: type[Method]) -> set[str]:
+        """Modules a live job already did with this method, where doing it again is refused: a
+        lenient pattern (`quantize base` after `quantize base`) means the modules left."""
+        if _live_conflict(method, method) is None:
+            return set()
+        return {old.path for old in self.live if method_of(old) is method}
 
     @staticmethod
     def exclude(chosen: dict[str, set[str | None]], found: dict[str, set[str | None]]) -> dict[str, set[str | None]]:
@@ -335,15 +365,65 @@ class _Planner:
                         rewrite.location, "keep one of them")
 
 
+    def check_live(self, rewrites: list[Rewrite], live: Sequence[LivePatch]) -> None:
+        """A model patched by a live job: a new rewrite on one of its modules must stack on what is
+        there (the live patch came first, so the new method must list it in `stacks_on`), and no
+        model-wide thing may be claimed twice."""
+        on_path: dict[str, list[LivePatch]] = {}
+        for old in live:
+            on_path.setdefault(old.path, []).append(old)
+        for rewrite in rewrites:  # a model-wide conflict says more than the module it shows on
+            for old in live:
+                shared = sorted(method_of(rewrite).claims & method_of(old).claims)
+                if shared:
+                    raise self.error(
+                        f"'{_said(method_of(rewrite))}' and the live job's '{old.statement}' both change the "
+                        f"model's {_CLAIMS.get(shared[0], shared[0])}; they cannot compose", rewrite.location,
+                        "revert that job first, or keep one of them")
+        for rewrite in rewrites:
+            for old in on_path.get(rewrite.target.path, []):
+                reason = _live_conflict(method_of(rewrite), method_of(old))
+                if reason:
+                    raise self.error(f"{rewrite.target.path} is already patched by a live job ('{old.statement}'); "
+                                     f"{reason}", rewrite.location, "revert that job first, or leave this module "
+                                     "out with 'except'")
+
+
+def _live_conflict(new: type[Method], old: type[Method]) -> str | None:
+    """Why `new` cannot go on a module that `old` (of a live job) patched, or None: it stacks."""
+    if old.name in new.stacks_on:
+        return None
+    if new is old and new.verb == "train":
+        return None  # training a base tensor again changes no structure; each revert gives its values back
+    refusal = new.refuses_stack.get(old.name) or old.refuses_stack.get(new.name)
+    if refusal:
+        return f"'{_said(new)}' cannot stack on '{_said(old)}': {refusal}"
+    if new is old and new.verb == "inject":
+        return "several adapters on the same modules come with composition (issue 12)"
+    if new is old:
+        return f"'{_said(new)}' already acts on it"
+    if new.name in old.stacks_on:
+        return (f"'{_said(new)}' goes under '{_said(old)}', so it must be applied first: write both statements "
+                "in one spec")
+    return f"'{_said(new)}' does not stack on '{_said(old)}'"
+
+
+def _said(method: type[Method]) -> str:
+    """How a statement names the method: `inject lora`, `quantize` (registered under its verb)."""
+    return method.verb if method.name == method.verb else f"{method.verb} {method.name}"
+
+
 _CLAIMS = {"inputs": "inputs (what it sees before the first layer)", "attention": "attention function"}
 
 
-def plan(spec: Spec, graph: ModuleGraph) -> Plan:
-    """Stage entry: check `spec` against the model graph and return the ordered rewrites."""
-    planner = _Planner(spec, graph)
+def plan(spec: Spec, graph: ModuleGraph, live: Sequence[LivePatch] = ()) -> Plan:
+    """Stage entry: check `spec` against the model graph and return the ordered rewrites. `live`:
+    the patches of jobs still live on the model (an earlier apply), which the new ones stack on."""
+    planner = _Planner(spec, graph, live)
     rewrites: list[Rewrite] = []
     for index, statement in enumerate(spec.statements):
         rewrites += planner.statement_rewrites(index, statement)
     planner.check_claims(rewrites)
+    planner.check_live(rewrites, live)
     return Plan(spec=spec, rewrites=planner.order(rewrites), base_parameters=graph.total_parameters(),
                 base_bytes=graph.total_bytes())

@@ -7,6 +7,8 @@ API (used by surgeon/methods/quantize.py; keep these names and signatures):
     qt.dequantize(torch.float32, out=buffer)                   # into a preallocated buffer
     qt.nbytes                                                  # bytes of everything stored
     qt.tensors() / QuantizedTensor.from_tensors(...)           # for safetensors / buffers
+    dequantize_plain(qt, torch.bfloat16)                       # the same values in plain torch ops:
+                                                               # what `dequantize` runs under torch.compile
 
 Layout (as bitsandbytes): the tensor is flattened row-major and cut into blocks of `blocksize`;
 each block is scaled by its absmax (fp32); NF4/FP4 codes are 4 bits, two per byte, element 2i in
@@ -432,6 +434,9 @@ class QuantizedTensor:
         and `out` is returned; nothing of the size of the output is allocated."""
         if dtype not in _FLOAT_DTYPES:
             raise ValueError(f"dequantize to float32, bfloat16 or float16, not {dtype}")
+        if torch.compiler.is_compiling():  # dynamo cannot trace the thread pool, scratch and thread counts
+            plain = dequantize_plain(self, dtype)
+            return plain if out is None else out.copy_(plain)
         if out is None:
             out = _empty(self.shape, dtype, self.device)
         else:
@@ -701,6 +706,35 @@ def _dequantize_dynamic(codes: torch.Tensor, scale: torch.Tensor, offset: torch.
 
 # ----------------------------------------------------------------------------------------------
 # dequantize
+
+
+def build_tables(qtype: str, device: torch.device, double: bool) -> None:
+    """Build the lookup tables dequantize reads for `qtype` on `device` now. A quantized layer calls
+    this when it is made or moved, so a compiled forward only reads them: building them there
+    (under a lock) would break the graph."""
+    if qtype != "int8":
+        _tables_4bit(qtype, device)
+    if double:
+        _tables_dynamic(device)
+
+
+def dequantize_plain(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+    """`dequantize` in plain torch ops, for torch.compile (which fuses them into one kernel): the
+    same fp32 products code * absmax (int8: code * (absmax / 127)), rounded once to `dtype`, so the
+    same values as the threaded kernels."""
+    n, blocks = qt.numel, qt.nblocks
+    absmax = qt.block_absmax().float()
+    if qt.qtype == "int8":
+        values = qt.codes.view(torch.int8).float()
+        scale = torch.div(absmax, torch.full_like(absmax, 127.0))  # a true division, as the kernel
+    else:
+        kernel = len(qt.shape) > 0 and qt.shape[-1] % 2 == 0  # which bitsandbytes path (see _build_4bit)
+        table = _tables_4bit(qt.qtype, qt.device)["code_kernel" if kernel else "code"]
+        nibbles = torch.stack([qt.codes >> 4, qt.codes & 15], dim=1).view(-1)  # element 2i: the high nibble
+        values = table[nibbles.to(torch.int64)][:n]
+        scale = absmax
+    padded = torch.nn.functional.pad(values, (0, blocks * qt.blocksize - n)).view(blocks, qt.blocksize)
+    return (padded * scale[:, None]).view(-1)[:n].to(dtype).view(qt.shape)
 
 
 def _dequantize_4bit(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int, n: int, out: torch.Tensor,

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from surgeon.errors import ModelLoadError, SurgeonError, SurgeryError
+from surgeon.graph import wrapped
+from surgeon.progress import track
 from surgeon.manifest import Manifest, OriginalsRef, PatchRecord, SourceRef, TensorRecord, tensor_record
 from surgeon.methods.base import ApplyContext, Patch
 from surgeon.planner import Plan, Rewrite, method_of, params_of
@@ -53,12 +55,19 @@ def fingerprint(model: nn.Module, hashed: set[str] | None) -> dict[str, TensorRe
     tensors = model.state_dict(keep_vars=True)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         records = pool.map(lambda item: tensor_record(item[1], hashed is None or item[0] in hashed), tensors.items())
+        records = track(records, "hashing tensors", total=len(tensors))
         return dict(zip(tensors, records))
 
 
 def touched_tensor_names(model: nn.Module, plan: Plan) -> set[str]:
-    """State-dict names of every tensor owned by a target module (tied aliases included)."""
-    targets = {id(model.get_submodule(r.target.path)) for r in plan.rewrites}
+    """State-dict names of every tensor owned by a target module (tied aliases included); for a
+    target that a live job wrapped, the original's inside the wrapper too (a second spec)."""
+    targets: set[int] = set()
+    for rewrite in plan.rewrites:
+        module: nn.Module | None = model.get_submodule(rewrite.target.path)
+        while module is not None:
+            targets.add(id(module))
+            module = wrapped(module)
     touched_ids = {id(p) for m in model.modules() if id(m) in targets for p in m.parameters(recurse=False)}
     return {name for name, t in model.state_dict(keep_vars=True).items() if id(t) in touched_ids}
 
@@ -98,7 +107,7 @@ def _load_streaming(model: nn.Module, stream: Iterable[tuple[str, torch.Tensor]]
         if names:
             pending[path] = names
     prints: dict[str, TensorRecord] = {}
-    for name, tensor in stream:
+    for name, tensor in track(stream, "reading the checkpoint", total=len(state)):
         if name not in state:
             raise ModelLoadError(f"the checkpoint holds {name}, which the model does not have")
         path, _, local = name.rpartition(".")
@@ -165,7 +174,7 @@ def apply_plan(plan: Plan, model: nn.Module, *, source: SourceRef, ctx: ApplyCon
             prints = fingerprint(model, hashed)
         else:
             prints = _load_streaming(model, stream, hashed, on_module_loaded, device)
-        for index in range(len(plan.rewrites)):
+        for index in track(range(len(plan.rewrites)), "patching", total=len(plan.rewrites)):
             if index not in done:
                 apply_one(index)
     except BaseException as err:

@@ -51,6 +51,23 @@ def tiny_bert(seed: int = 0) -> nn.Module:
     return transformers.BertModel(config).eval()
 
 
+def _bert_config(**extra: object) -> transformers.BertConfig:
+    return transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                   vocab_size=128, max_position_embeddings=64, **extra)
+
+
+def tiny_bert_mlm(seed: int = 0) -> nn.Module:
+    """BertForMaskedLM: its decoder's weight is tied to the word embeddings and its bias to
+    cls.predictions.bias."""
+    torch.manual_seed(seed)
+    return transformers.BertForMaskedLM(_bert_config()).eval()
+
+
+def tiny_bert_cls(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return transformers.BertForSequenceClassification(_bert_config(num_labels=3)).eval()
+
+
 def tiny_t5(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     config = transformers.T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=128,
@@ -73,7 +90,7 @@ def tiny_mistral(seed: int = 0) -> nn.Module:
 
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert, "t5": tiny_t5,
-            "qwen2": tiny_qwen2, "mistral": tiny_mistral}
+            "qwen2": tiny_qwen2, "mistral": tiny_mistral, "bert_mlm": tiny_bert_mlm, "bert_cls": tiny_bert_cls}
 
 
 @torch.no_grad()
@@ -92,12 +109,17 @@ def batch(seed: int = 1, shape: tuple[int, int] = (2, 12)) -> torch.Tensor:
     return torch.randint(1, 128, shape, generator=torch.Generator().manual_seed(seed))
 
 
+def _every_tensor(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: t.detach() for name, t in model.state_dict(keep_vars=True).items()}
+
+
 def assert_same_model(model: nn.Module, original: nn.Module) -> None:
     """Bit-identical tensors, same module classes, hooks, attributes and requires_grad flags.
 
     `original` is an independent deep copy taken before surgery, so this never trusts surgeon's own
     fingerprint."""
-    now, before = model.state_dict(), original.state_dict()
+    # keep_vars: a patched model's plain state_dict() holds only its run (surgeon/checkpoints.py)
+    now, before = _every_tensor(model), _every_tensor(original)
     assert list(now) == list(before)
     for name in before:
         a, b = now[name], before[name]

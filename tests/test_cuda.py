@@ -175,7 +175,7 @@ def test_streaming_onto_cuda_holds_little_gpu_memory_and_reverts_to_the_checkpoi
     job = surgeon.apply_checkpoint(QLORA, str(tmp_path / "model"), seed=0, device="cuda")
     peak = torch.cuda.max_memory_allocated() - before
     assert peak < 0.5 * full_bytes, (peak, full_bytes)
-    assert all(t.device.type == "cuda" for t in job.model.state_dict().values())
+    assert all(t.device.type == "cuda" for t in job.model.state_dict(keep_vars=True).values())
     import transformers
 
     stock = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "model").to(CUDA).eval()
@@ -223,7 +223,7 @@ def test_requantized_merge_on_cuda_loads_in_transformers_with_bitsandbytes(tmp_p
         assert (ours - theirs).abs().max() <= 1e-2, path  # bf16 compute: one rounding apart at most
     assert (cuda_run(loaded, ids) - unmerged).abs().max() < 0.5
     job.revert()
-    assert all(t.is_cuda for t in job.model.state_dict().values())
+    assert all(t.is_cuda for t in job.model.state_dict(keep_vars=True).values())
 
 
 @pytest.mark.parametrize("spec", [

@@ -185,3 +185,48 @@ def test_memory_run_cannot_be_reverted_from_the_cli(tmp_path):
     job.save(tmp_path / "run")
     result = runner.invoke(app, ["revert", str(tmp_path / "run"), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "does not record a model directory it was read from; pass its base model" in result.output
+
+
+# PEFT's parameter names -> surgeon's: the hint names surgeon's spelling (difflib alone finds
+# nothing for `rank` or `target_modules`); the caret stays on the parameter PEFT named
+PEFT_SPELLINGS = [
+    ("inject lora rank=8 into *.attn.q", ":1:13:", "unknown parameter 'rank' for lora", "did you mean 'r'?"),
+    ("inject lora r=8 lora_r=8 into *.attn.q", ":1:17:", "unknown parameter 'lora_r'", "did you mean 'r'?"),
+    ("inject lora r=8 lora_alpha=16 into *.attn.q", ":1:17:", "unknown parameter 'lora_alpha'",
+     "did you mean 'alpha'?"),
+    ("inject lora lora_dropout=0.1 into *.attn.q", ":1:13:", "unknown parameter 'lora_dropout'",
+     "did you mean 'dropout'?"),
+    ("inject lora init_lora_weights=gaussian into *.attn.q", ":1:13:", "unknown parameter 'init_lora_weights'",
+     "did you mean 'init'?"),
+    ("inject lora r=8 target_modules=[q_proj, v_proj]", ":1:17:", "unknown parameter 'target_modules'",
+     "write the targets after 'into': `inject lora r=8 into <q_proj,v_proj>`"),
+    ("inject lora r=8 into *.attn.q\ninject lora target_modules=\"q|v\" r=4", ":2:13:",
+     "unknown parameter 'target_modules'", "write the targets after 'into': `inject lora r=4 into *.attn.<q,v>`"),
+    ("train bias target_modules=q_proj", ":1:12:", "unknown parameter 'target_modules' for bias",
+     "write the targets after 'in': `train bias in q_proj`"),
+    ("inject lora r=8 modules_to_save=[lm_head] into *.attn.q", ":1:17:", "unknown parameter 'modules_to_save'",
+     "use `train weights in PATTERN`"),
+]
+
+
+@pytest.mark.parametrize(("text", "where", "message", "hint"), PEFT_SPELLINGS, ids=[t[:36] for t, *_ in PEFT_SPELLINGS])
+def test_peft_spellings_suggest_surgeons_names(workspace, text, where, message, hint):
+    output = fails(workspace, text, f"{where} error: {message}", hint)
+    line = int(where.split(":")[1])
+    caret_line = output.splitlines()[output.splitlines().index(f"  {text.splitlines()[line - 1]}") + 1]
+    key = message.split("'")[1]
+    column = int(where.split(":")[2])
+    assert caret_line == "  " + " " * (column - 1) + "^" + "~" * (len(key) - 1)  # under the key PEFT spells
+    assert text.splitlines()[line - 1][column - 1:].startswith(key)
+    model = tiny_llama()
+    original = clone(model)
+    with pytest.raises(SpecError) as err:
+        surgeon.apply(text, model)
+    assert err.value.location.line == line and err.value.location.column == column
+    assert hint in str(err.value)
+    assert_same_model(model, original)
+
+
+def test_a_wrong_name_that_is_no_peft_name_keeps_difflib():
+    with pytest.raises(SpecError, match="did you mean 'alpha'"):
+        surgeon.check("inject lora alpah=8 into *.attn.q", tiny_llama())

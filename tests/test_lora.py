@@ -10,7 +10,7 @@ from torch import nn
 
 import surgeon
 
-ARCHS = ["llama", "gpt2", "bert", "t5", "qwen2", "mistral"]
+ARCHS = ["llama", "gpt2", "bert", "t5", "qwen2", "mistral", "bert_mlm", "bert_cls"]
 
 
 def qv_params_by_hand(model: nn.Module, r: int) -> int:
@@ -96,7 +96,7 @@ def _randomize(job: surgeon.Job, seed: int = 3) -> None:
             param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", "bert_mlm", "bert_cls"])
 def test_merge_equals_unmerged_and_revert_after_merge_is_exact(arch):
     model = BUILDERS[arch]()
     original = clone(model)

@@ -15,6 +15,8 @@ CASES = [
      {"use_rslora": True}),
     ("gpt2", "inject lora r=4 alpha=16 into c_attn", ["c_attn"], {"fan_in_fan_out": True}),
     ("bert", "inject lora r=4 alpha=8 into *.attn.<q,v>", ["query", "value"], {}),
+    ("bert_mlm", "inject lora r=4 alpha=8 into *.attn.<q,v>", ["query", "value"], {}),
+    ("bert_cls", "inject lora r=4 alpha=8 into *.attn.<q,v>", ["query", "value"], {}),
     ("t5", "inject lora r=4 alpha=8 into **.<attn,cross_attn>.<q,v>", ["q", "v"], {}),
 ]
 

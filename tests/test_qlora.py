@@ -157,7 +157,7 @@ def test_spilled_originals_travel_with_the_run(tmp_path):
 def test_gone_or_changed_originals_fail_and_change_nothing(tmp_path):
     model = tiny_llama()
     job = surgeon.apply("quantize base nf4", model, originals_dir=tmp_path / "orig")
-    before = {n: t.clone() for n, t in model.state_dict().items()}
+    before = {n: t.clone() for n, t in model.state_dict(keep_vars=True).items()}
     victim = sorted((tmp_path / "orig").iterdir())[0]
     from safetensors.torch import load_file, save_file
 
@@ -170,7 +170,7 @@ def test_gone_or_changed_originals_fail_and_change_nothing(tmp_path):
     victim.unlink()
     with pytest.raises(RevertError, match="is gone"):
         job.revert()
-    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict(keep_vars=True).items())
     assert any(isinstance(m, QuantizedLinear) for m in model.modules())
 
 
@@ -257,10 +257,10 @@ def test_quantizing_a_layer_lora_merged_into_is_refused():
     model = tiny_llama()
     lora = surgeon.apply("inject lora r=2 into *.attn.q", model)
     lora.merge()
-    snapshot = {n: t.clone() for n, t in model.state_dict().items()}
+    snapshot = {n: t.clone() for n, t in model.state_dict(keep_vars=True).items()}
     with pytest.raises(SpecError, match="holds a merged LoRA delta"):
         surgeon.apply("quantize *.attn.q nf4", model)
-    assert all(torch.equal(snapshot[n], t) for n, t in model.state_dict().items())
+    assert all(torch.equal(snapshot[n], t) for n, t in model.state_dict(keep_vars=True).items())
 
 
 @pytest.mark.parametrize("compute", ["fp32", "bf16"])

@@ -29,7 +29,7 @@ from torch import nn
 from surgeon.errors import ExportError, SurgeonError
 from surgeon.methods._rng import draw
 from surgeon.methods.base import ApplyContext, Method, MethodParams, Patch, Target, WrapPatch, locate, register
-from surgeon.methods.lora import compute_dtype_device
+from surgeon.methods.lora import compute_dtype_device, own_dtype
 
 _INIT_STD = 0.02  # PEFT's reset_lora_parameters: normal(0, 0.02) for A and B
 
@@ -82,7 +82,6 @@ class AdaLoraLinear(nn.Module):
         self.dropout = nn.Dropout(params.dropout) if params.dropout > 0 else nn.Identity()
         self.train(base.training)  # a wrapper made in eval mode stays in eval mode
         dtype, device = compute_dtype_device(base)
-        self.dtype = dtype
         self.transposed = target.kind == "conv1d"
         assert target.in_features is not None and target.out_features is not None
         self.in_features, self.out_features = target.in_features, target.out_features
@@ -100,6 +99,12 @@ class AdaLoraLinear(nn.Module):
         self.loaded_kept: dict[str, list[bool]] | None = None
         # PEFT divides by the tensor `ranknum + 1e-5`; the same tensor arithmetic gives the same bits
         self.register_buffer("ranknum", torch.full((1,), float(r), dtype=dtype, device=device), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """A's dtype (PEFT casts the input to it), read on every forward: a model cast after apply
+        computes in its new dtype."""
+        return own_dtype(self)
 
     def triplet(self, suffix: str) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter]:
         """(A, E, B) of one matrix: "" for the whole layer, "_q" for the q slice."""

@@ -20,6 +20,7 @@ buffers). All three hand back a `Patch`; the surgery stage only ever calls its m
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -92,6 +93,9 @@ class Patch(ABC):
     """A change made to a live model; knows its added parameters and how to undo itself exactly."""
 
     mergeable: ClassVar[bool] = False
+    # False for a patch that changes the base itself rather than adding to it (quantization):
+    # `job.disabled()` sets the others aside and keeps it, as PEFT's disable_adapter keeps a 4-bit base
+    adapts: ClassVar[bool] = True
 
     @abstractmethod
     def added_parameters(self) -> dict[str, nn.Parameter]:
@@ -165,7 +169,9 @@ class Method(ABC):
     # "module": PEFT keys its tensors per adapted module (LoRA's `...q_proj.lora_A.weight`);
     # "model": PEFT's prompt learning keeps one top-level tensor (`prompt_embeddings`). For "model"
     # methods the tensor hooks see every patch of the statement at once, keyed "module.path.local",
-    # and name PEFT's tensors without a module path.
+    # and name PEFT's tensors without a module path. "modules_to_save": no adapter type of its own,
+    # but PEFT's `modules_to_save` beside one (`train weights`): the tensor hooks see the target's
+    # trained base parameters, keyed by their model names, and name them as the module holds them.
     peft_scope: ClassVar[str] = "module"
 
     @classmethod
@@ -251,6 +257,31 @@ def locate(model: nn.Module, path: str) -> tuple[nn.Module, str, nn.Module]:
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     return parent, attr, getattr(parent, attr)
+
+
+def parameter_name(model: nn.Module, param: nn.Parameter, default: str) -> str:
+    """The name `model.named_parameters()` gives `param` once every patch is reverted: its first
+    owner in module order, seen through surgeon's wrappers (a wrapper's `.base` stands at the
+    wrapper's path). A tied tensor has one such name whichever owner a statement reached it by,
+    so two statements that train it name it once (in `trainable_parameters()` and in a saved
+    run). `default` when the model does not hold it."""
+    for name, found in _original_parameters(model, ""):
+        if found is param:
+            return name
+    return default
+
+
+def _original_parameters(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Parameter]]:
+    base = module._modules.get("base")
+    if base is not None and type(module).__module__.startswith("surgeon."):  # a wrapper: its original
+        yield from _original_parameters(base, prefix)
+        return
+    for local, param in module._parameters.items():
+        if param is not None:
+            yield prefix + local, param
+    for name, child in module._modules.items():
+        if child is not None:
+            yield from _original_parameters(child, f"{prefix}{name}.")
 
 
 _REGISTRY: dict[tuple[str, str], type[Method]] = {}

@@ -11,9 +11,11 @@ pick biases by what the module does: q, k, v, o (attention projections; GPT-2's 
 one bias and counts as q, k and v together), mlp (up, down, gate: BERT's intermediate and output
 dense too) and norm (LayerNorm). Patterns are lenient, as a target-less statement is: they keep
 the linear, Conv1D, conv and norm modules they match, and a module the `only` roles leave out is
-left as it is. An output head without a bias (GPT-2's tied lm_head) is left alone, even with
-add=true. A chosen linear layer without a bias is an error unless add=true, which registers a zero
-bias (so outputs do not change at step 0) that revert removes again; a norm without a bias
+left as it is. The output head (every module of the `head` role: lm_head, a classifier, BERT's
+MLM `cls`) is left alone, even with add=true: it is trained whole, `train weights in head`.
+A bias tied to another module's is one tensor: it trains once, under its model name. A chosen
+linear layer without a bias is an error unless add=true, which registers a zero bias (so outputs
+do not change at step 0) that revert removes again; a norm without a bias
 (RMSNorm has none by design) is then left alone, unless only= names norm. The plan cannot drop a
 module that has nothing to train, so such a module shows as a rewrite that adds nothing. PEFT has
 no BitFit adapter type.
@@ -27,7 +29,8 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from surgeon.methods.base import ApplyContext, Method, MethodParams, Patch, Target, WordArgs, register
+from surgeon.methods.base import (ApplyContext, Method, MethodParams, Patch, Target, WordArgs, parameter_name,
+                                  register)
 from surgeon.spec import Word
 
 Role = Literal["q", "k", "v", "o", "mlp", "norm"]
@@ -183,7 +186,9 @@ class BitFit(Method):
             return BiasPatch(owner)
         if bias is not None:
             bias.requires_grad_(True)
-            return BiasPatch(owner, {f"{target.path}.bias": bias})
+            # a tied bias (BERT's MLM decoder bias is cls.predictions.bias) under its model name,
+            # the one revert and a saved run find it by, once however many modules hold it
+            return BiasPatch(owner, {parameter_name(model, bias, f"{target.path}.bias"): bias})
         patch = BiasPatch(owner)
         if _adds(target, params):
             weight = owner.weight  # a quantized layer's `weight` is an empty tensor on its device

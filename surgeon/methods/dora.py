@@ -74,7 +74,9 @@ class DoraLinear(LoraLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        weight = self._base_weight()
+        # in LoRA's dtype, as PEFT: the base's (its compute dtype, for a quantized one) may differ
+        # once the model was cast after apply
+        weight = self._base_weight().to(self.dtype)
         h = self.dropout(x).to(self.dtype)
         # with dropout active PEFT applies W0 to the dropped input; else it reuses base(x) - bias
         dropped = self.training and not isinstance(self.dropout, nn.Identity)

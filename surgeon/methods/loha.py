@@ -29,7 +29,7 @@ from torch import nn
 from surgeon.errors import ExportError
 from surgeon.methods._rng import draw
 from surgeon.methods.base import ApplyContext, Method, MethodParams, Patch, Target, WrapPatch, locate, register
-from surgeon.methods.lora import compute_dtype_device
+from surgeon.methods.lora import compute_dtype_device, own_dtype
 
 
 class LohaParams(MethodParams):
@@ -74,14 +74,19 @@ class FactoredDelta(nn.Module):
         self.sliced = bool(target.slices)
         self.scale = scale
         self.rank_dropout, self.module_dropout = params.rank_dropout, params.module_dropout
-        self.dtype, device = compute_dtype_device(base)  # a quantized base computes in its own dtype, and so do we
+        dtype, device = compute_dtype_device(base)  # a quantized base computes in its own dtype, and so do we
         for suffix, (start, stop) in self.parts.items():
             for name, shape in self.part_shapes(stop - start, self.in_features, params).items():
-                zeros = torch.zeros(shape, dtype=self.dtype, device=device)
+                zeros = torch.zeros(shape, dtype=dtype, device=device)
                 self.register_parameter(name + suffix, nn.Parameter(zeros))
             if init:
                 self.init_part(suffix, generator)
         self.train(base.training)  # a wrapper made while the model is in eval mode stays in eval mode
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The factors' dtype, read on every forward so a model cast after apply computes in it."""
+        return own_dtype(self)
 
     @staticmethod
     def part_shapes(rows: int, d_in: int, params: Any) -> dict[str, tuple[int, ...]]:
@@ -156,8 +161,9 @@ class _HadamardWeight(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         w1a, w1b, w2a, w2b = ctx.saved_tensors
         grad = grad * ctx.scale
-        through_1 = grad * (w2a @ w2b)  # d(loss)/d(w1a w1b)
-        through_2 = grad * (w1a @ w1b)
+        # in the factors' dtype: a grad from an autocast forward (bf16) times fp16 factors promotes to fp32
+        through_1 = (grad * (w2a @ w2b)).to(w1a.dtype)  # d(loss)/d(w1a w1b)
+        through_2 = (grad * (w1a @ w1b)).to(w2a.dtype)
         return through_1 @ w1b.T, w1a.T @ through_1, through_2 @ w2b.T, w2a.T @ through_2, None
 
 

@@ -49,6 +49,16 @@ def compute_dtype_device(base: nn.Module) -> tuple[torch.dtype, torch.device]:
     return base.weight.dtype, base.weight.device
 
 
+def own_dtype(wrapper: nn.Module) -> torch.dtype:
+    """The dtype an adapter computes in: that of its own first weight (lora_A), read on every
+    forward, as PEFT casts the input to lora_A's dtype. The weights are made in the base's compute
+    dtype; reading it back (not caching it at apply) keeps a model cast afterwards
+    (`model.to(torch.bfloat16)`, `.half()`) computing in its new dtype."""
+    for param in wrapper._parameters.values():
+        return param.dtype
+    raise TypeError(f"{type(wrapper).__name__} holds no weights of its own")
+
+
 class _LoraBase(nn.Module):
     def __init__(self, base: nn.Module, params: LoraParams) -> None:
         super().__init__()
@@ -56,7 +66,10 @@ class _LoraBase(nn.Module):
         self.scale = params.scale
         self.dropout = nn.Dropout(params.dropout) if params.dropout > 0 else nn.Identity()
         self.train(base.training)  # a wrapper made while the model is in eval mode stays in eval mode
-        self.dtype = compute_dtype_device(base)[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return own_dtype(self)
 
     def _new(self, *shape: int) -> nn.Parameter:
         dtype, device = compute_dtype_device(self.base)
@@ -90,7 +103,7 @@ class LoraLinear(_LoraBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        h = self.dropout(x).to(self.dtype)  # a quantized base computes in its own dtype, and so do we
+        h = self.dropout(x).to(self.dtype)  # LoRA's own dtype, as PEFT (a quantized base may compute in another)
         if not self.slices:
             # one fused multiply-add instead of a scale and an add (PEFT does two)
             return torch.add(out, F.linear(F.linear(h, self.lora_A), self.lora_B).to(out.dtype), alpha=self.scale)

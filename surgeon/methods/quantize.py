@@ -9,13 +9,18 @@ forward and backward (the dequantized weight is never kept, as in bitsandbytes),
 reach its input and every layer below. The replaced original weight is handed to the run's
 originals store first (the checkpoint it came from, or a spill file) and dropped from memory;
 revert reads it back, checks its sha256 and puts it into the very same Parameter object.
+
+A cast of the model after apply (`model.to(torch.bfloat16)`, `.half()`) moves the codes and scales
+but never rounds them, and the layer keeps its compute dtype, as bitsandbytes' Linear4bit does.
+Under autocast the matmul runs in autocast's dtype, forward and backward. Under torch.compile the
+dequantize is plain torch ops (`surgeon.quant.dequantize_plain`), so dynamo captures it whole.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +32,7 @@ from surgeon.manifest import TensorRecord, sha256_tensor
 from surgeon.methods.base import (ApplyContext, Method, MethodParams, Patch, Target, WordArgs, WordError,
                                   locate, register)
 from surgeon.originals import Originals
-from surgeon.quant import QTYPES, QuantizedTensor, quantize
+from surgeon.quant import QTYPES, QuantizedTensor, build_tables, dequantize_plain, quantize
 from surgeon.spec import Word
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -68,27 +73,41 @@ class _ScratchWeights(threading.local):
 _SCRATCH = _ScratchWeights()
 
 
-def _matmul_weight(layer: QuantizedLinear) -> torch.Tensor:
-    if layer.device.type != "cpu":
-        return layer.dequantized()
-    return layer.quantized().dequantize(layer.compute_dtype, out=_SCRATCH.get(tuple(layer.shape), layer.compute_dtype))
+def _matmul_weight(layer: QuantizedLinear, dtype: torch.dtype) -> torch.Tensor:
+    if layer.device.type != "cpu" or torch.compiler.is_compiling():  # compiled: plain ops, fused; no scratch
+        return layer.dequantized(dtype)
+    return layer.quantized().dequantize(dtype, out=_SCRATCH.get(tuple(layer.shape), dtype))
+
+
+def _matmul_dtype(layer: QuantizedLinear, x: torch.Tensor) -> torch.dtype:
+    """The layer's compute dtype, or autocast's where autocast is on for x's device: autocast would
+    recast the matmul anyway (as it does bitsandbytes' matmul_4bit), so dequantize straight to it."""
+    device_type = x.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return layer.compute_dtype
 
 
 class _DequantizedMatmul(torch.autograd.Function):
-    """x @ W^T with W dequantized in forward and again in backward, never stored for backward."""
+    """x @ W^T with W dequantized in forward and again in backward, never stored for backward.
+    Both matmuls run in `dtype`: backward may run outside the forward's autocast, where a grad in
+    autocast's dtype would meet a weight in the compute dtype."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:  # type: ignore[override]
-        ctx.layer = layer
-        return F.linear(x, _matmul_weight(layer))
+    def forward(ctx, x: torch.Tensor, layer: QuantizedLinear,  # type: ignore[override]
+                dtype: torch.dtype) -> torch.Tensor:
+        ctx.layer, ctx.dtype = layer, dtype
+        return F.linear(x, _matmul_weight(layer, dtype))
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        return grad @ _matmul_weight(ctx.layer), None
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        return grad.to(ctx.dtype) @ _matmul_weight(ctx.layer, ctx.dtype), None, None
 
 
 class QuantizedLinear(nn.Module):
     """A frozen linear layer stored quantized; computes in `compute_dtype`, returns the input's dtype."""
+
+    _KEPT_DTYPES = ("absmax", "absmax_scale", "absmax_offset")  # fp32 by the format, whatever the model's
 
     def __init__(self, qt: QuantizedTensor, bias: nn.Parameter | None, compute_dtype: torch.dtype,
                  original_kind: str) -> None:
@@ -101,6 +120,26 @@ class QuantizedLinear(nn.Module):
         for name in ("codes", "absmax", "absmax_scale", "absmax_offset"):
             self.register_buffer(name, getattr(qt, name), persistent=False)
         self.bias = bias
+        build_tables(self.qtype, self.device, self.double)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantizedLinear:
+        """Move the quantized state with the module but never cast it: `model.to(torch.bfloat16)`
+        casts every floating buffer, and rounding the fp32 absmax constants would change the
+        weights. As with bitsandbytes' Linear4bit, only the bias follows a cast; the compute dtype
+        stays (LoRA above computes in its own weights' dtype)."""
+        held = {name: t for name in self._KEPT_DTYPES if (t := self._buffers.get(name)) is not None}
+        for name, tensor in held.items():  # as int32 bits: moved (or emptied) like any buffer, never cast
+            self._buffers[name] = tensor.view(torch.int32)
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, tensor in held.items():
+                bits = self._buffers[name]
+                # `Module.type()` converts integer tensors too: then move the kept tensor itself
+                kept = bits.view(tensor.dtype) if bits.dtype == torch.int32 else tensor.to(self.codes.device)
+                self._buffers[name] = kept
+        build_tables(self.qtype, self.device, self.double)
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -117,13 +156,16 @@ class QuantizedLinear(nn.Module):
                                double=self.double, absmax_scale=self.absmax_scale,
                                absmax_offset=self.absmax_offset)
 
-    def dequantized(self) -> torch.Tensor:
-        return self.quantized().dequantize(self.compute_dtype)
+    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # dynamo cannot call through dequantize's no_grad wrapper
+            return dequantize_plain(self.quantized(), dtype or self.compute_dtype)
+        return self.quantized().dequantize(dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _DequantizedMatmul.apply(x.to(self.compute_dtype), self)
+        dtype = _matmul_dtype(self, x)
+        out = _DequantizedMatmul.apply(x.to(dtype), self, dtype)
         if self.bias is not None:
-            out = out + self.bias.to(self.compute_dtype)
+            out = out + self.bias.to(dtype)
         return out.to(x.dtype)
 
     def merged_with(self, deltas: dict[str, torch.Tensor] | None = None) -> nn.Module:
@@ -153,6 +195,7 @@ class QuantizedLinear(nn.Module):
 
 class QuantizePatch(Patch):
     mergeable = True
+    adapts = False
 
     def __init__(self, parent: nn.Module, attr: str, original: nn.Module, layer: QuantizedLinear,
                  weight_name: str, originals: Originals) -> None:
