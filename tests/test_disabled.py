@@ -18,6 +18,7 @@ SPECS = {
     "adalora": "inject adalora init_r=4 target_r=2 tinit=1 tfinal=1 total_steps=6 into *.attn.<q,v>",
     "relora": "inject relora r=2 restart_every=1 into *.attn.q\ntrain bias add=true only=q",
     "bitfit": "inject lora r=2 into *.attn.v\ntrain bias add=true",
+    "weights": "inject lora r=2 into *.attn.v\ntrain weights in <embed,norm>",
     "prefix": "inject prefix tokens=3 projection=16 into *.attn",
     "prompt": "inject prompt tokens=4 into embed",
     "ptuning": "inject ptuning tokens=4 encoder=mlp hidden=32 into embed",
