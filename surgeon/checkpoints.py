@@ -33,8 +33,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from surgeon.errors import SurgeonError
-from surgeon.manifest import MANIFEST_FILE
+from surgeon.errors import ManifestError, SurgeonError
+from surgeon.manifest import MANIFEST_FILE, Manifest, parse_manifest
 
 if TYPE_CHECKING:
     from surgeon.job import Job
@@ -43,7 +43,9 @@ WEIGHTS_FILE = "model.safetensors"  # the name Trainer and accelerate resume fro
 CONFIG_FILE = "config.json"
 LOAD_HINT = ("surgeon run (adapters only, not a whole model): load it with surgeon.load(this_folder, base_model), "
              "or write a merged model with `surgeon merge this_folder --out DIR`")
-_SEAM_ATTR = "_surgeon_checkpoint_seam"
+SEAM_ATTR = "_surgeon_checkpoint_seam"
+# the state-dict entry holding the run's manifest (JSON bytes); '::' cannot be in a module path
+RUN_KEY = "surgeon::manifest"
 
 
 class CheckpointSeam:
@@ -58,7 +60,7 @@ class CheckpointSeam:
                         model.register_load_state_dict_post_hook(partial(CheckpointSeam._forgive_frozen, self))]
         if callable(getattr(model, "save_pretrained", None)):
             model.__dict__["save_pretrained"] = self.save_pretrained
-        model.__dict__[_SEAM_ATTR] = self
+        model.__dict__[SEAM_ATTR] = self
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CheckpointSeam:
         """A deep copy of a patched model (TRL's reference model) carries no live job: it saves
@@ -72,7 +74,7 @@ class CheckpointSeam:
         for handle in self.handles:
             handle.remove()
         self.model.__dict__.pop("save_pretrained", None)
-        self.model.__dict__.pop(_SEAM_ATTR, None)
+        self.model.__dict__.pop(SEAM_ATTR, None)
 
     def run_tensor_names(self) -> set[str]:
         """Live state-dict names of what the runs hold: added and trained tensors, and anything
@@ -96,11 +98,14 @@ class CheckpointSeam:
         kept = {prefix + name for name in self.run_tensor_names()}
         for key in [k for k in state if k.startswith(prefix) and k not in kept]:
             del state[key]
+        if len(self.live) == 1:  # the manifest rides along: the saved state dict is a whole run
+            state[prefix + RUN_KEY] = manifest_tensor(self.live[0])
 
     def _forgive_frozen(self, module: nn.Module, incompatible: Any) -> None:
         kept = self.run_tensor_names()
         frozen = {name for name in self.model.state_dict(keep_vars=True) if name not in kept}
         incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if _local(k, frozen) is None]
+        incompatible.unexpected_keys[:] = [k for k in incompatible.unexpected_keys if not k.endswith(RUN_KEY)]
 
     def save_pretrained(self, save_directory: str | os.PathLike[str], *args: Any,
                         state_dict: dict[str, torch.Tensor] | None = None, is_main_process: bool = True,
@@ -126,7 +131,7 @@ class CheckpointSeam:
 def whole_model(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block, `model.state_dict()` and `model.save_pretrained()` give the whole model
     (base weights included) though a job is live on it."""
-    seam = model.__dict__.get(_SEAM_ATTR)
+    seam = model.__dict__.get(SEAM_ATTR)
     if not isinstance(seam, CheckpointSeam):
         yield model
         return
@@ -135,6 +140,31 @@ def whole_model(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         seam.saving_whole -= 1
+
+
+def manifest_tensor(job: Job) -> torch.Tensor:
+    text = job.checkpoint_manifest().sealed().model_dump_json()
+    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
+
+
+def run_in_state(tensors: dict[str, torch.Tensor], where: Path) -> tuple[Manifest, dict[str, torch.Tensor]] | None:
+    """(manifest, tensors by the live model's names) of a saved state dict that carries a run
+    (accelerate's save_state / save_model, torch.save of model.state_dict()), or None."""
+    keys = [k for k in tensors if k == RUN_KEY or k.endswith("." + RUN_KEY)]
+    if not keys:
+        return None
+    if len(keys) > 1:
+        raise ManifestError(f"{where} holds {len(keys)} surgeon manifests; a state dict of one patched model holds one")
+    prefix = keys[0].removesuffix(RUN_KEY)
+    blob = tensors[keys[0]]
+    if blob.dtype != torch.uint8 or blob.dim() != 1:
+        raise ManifestError(f"{where}: {keys[0]} is not a manifest (a 1-d uint8 tensor of JSON text)")
+    try:
+        text = bytes(blob.numpy()).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ManifestError(f"{where}: {keys[0]} is not UTF-8 JSON text") from None
+    run = {k.removeprefix(prefix): t for k, t in tensors.items() if k != keys[0] and k.startswith(prefix)}
+    return parse_manifest(text, where), run
 
 
 def _local(key: str, names: set[str]) -> str | None:
@@ -149,7 +179,7 @@ def _local(key: str, names: set[str]) -> str | None:
 
 def attach(job: Job) -> None:
     """Put the seam on the job's model (unless an earlier live job did) and enlist the job."""
-    seam = job.model.__dict__.get(_SEAM_ATTR)
+    seam = job.model.__dict__.get(SEAM_ATTR)
     if not isinstance(seam, CheckpointSeam) or seam.model is not job.model:
         seam = CheckpointSeam(job.model)
     seam.live.append(job)
@@ -157,7 +187,7 @@ def attach(job: Job) -> None:
 
 def detach(job: Job) -> None:
     """The job was reverted: it leaves the seam, and the seam leaves the model with its last job."""
-    seam = job.model.__dict__.get(_SEAM_ATTR)
+    seam = job.model.__dict__.get(SEAM_ATTR)
     if isinstance(seam, CheckpointSeam):
         seam.live[:] = [j for j in seam.live if j is not job]
         if not seam.live:
@@ -201,7 +231,7 @@ def _check_folder(job: Job, folder: Path) -> None:
 def _weights(job: Job, state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
     """The run's tensors under the live model's names; values from the state dict a trainer
     passes (gathered from every rank), else from the model."""
-    seam = job.model.__dict__.get(_SEAM_ATTR)
+    seam = job.model.__dict__.get(SEAM_ATTR)
     names = seam.run_tensor_names() if seam is not None else set()
     live = job.model.state_dict(keep_vars=True)
     given = state_dict or {}

@@ -217,17 +217,25 @@ class Job:
         with working("writing the run"):
             save_file(tensors, str(folder / ADAPTER_FILE))
         (folder / "spec.peft").write_text(self.manifest.spec_text, encoding="utf-8")
-        update: dict[str, object] = {"adapter_sha256": sha256_file(folder / ADAPTER_FILE)}
-        if spilled_dir is not None and not spilled_dir.is_dir():  # nothing was spilled: the run needs no originals
-            update["originals"] = OriginalsRef()
-        elif spilled_dir is not None and copy_originals:
+        if spilled_dir is not None and spilled_dir.is_dir() and copy_originals:
             shutil.copytree(spilled_dir, folder / ORIGINALS_DIR)
-            update["originals"] = spilled.model_copy(update={"location": ORIGINALS_DIR})
-        elif spilled_dir is not None:
-            update["originals"] = OriginalsRef(kind="base")
-        manifest = self.manifest.model_copy(update=update)
+            manifest = self.manifest.model_copy(update={"originals": spilled.model_copy(update={"location": ORIGINALS_DIR})})
+        else:
+            manifest = self.checkpoint_manifest()
+        manifest = manifest.model_copy(update={"adapter_sha256": sha256_file(folder / ADAPTER_FILE)})
         manifest.write(folder)
         return manifest
+
+    def checkpoint_manifest(self) -> Manifest:
+        """The manifest as a training checkpoint records it: spilled originals are left to be
+        spilled again from the base model `surgeon.load` is given (none when nothing was
+        spilled), and no adapters file is named."""
+        spilled = self.manifest.originals
+        if spilled.kind != "spilled":
+            return self.manifest.model_copy(update={"adapter_sha256": None})
+        exists = bool(spilled.location) and Path(str(spilled.location)).is_dir()
+        return self.manifest.model_copy(update={"adapter_sha256": None,
+                                                "originals": OriginalsRef(kind="base" if exists else "none")})
 
     def _tensors_to_save(self) -> dict[str, torch.Tensor]:
         surgery = self._live()
@@ -408,12 +416,11 @@ def load(run_dir: str | Path, model: nn.Module, *, originals_from: str | Path | 
     re-reads from its source checkpoint come from `originals_from` when given (the directory the
     model was loaded from), else from the directory the run records; they are checked by hash."""
     run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir)
+    manifest, tensors, live_names = _read_run(run_dir)
     problem = check_tensors(model, manifest.fingerprint)
     if problem:
         raise ManifestError(f"the model is not the base model of {run_dir}: {problem}")
     spec = parse_spec(manifest.spec_text, manifest.spec_source)
-    tensors = _read_adapters(run_dir)
     ref = manifest.originals
     if ref.kind == "spilled":
         ref = ref.model_copy(update={"location": str(originals_folder(run_dir, manifest))})
@@ -439,7 +446,7 @@ def load(run_dir: str | Path, model: nn.Module, *, originals_from: str | Path | 
         for record, (_, patch) in zip(manifest.patches, surgery.patches):
             if record.folded:  # the run holds the folded tensors: fold before filling them in
                 patch.fold()
-        _fill(job, tensors)
+        (_fill_live if live_names else _fill)(job, tensors)
     except BaseException:
         job.revert()
         raise
@@ -450,6 +457,46 @@ def load(run_dir: str | Path, model: nn.Module, *, originals_from: str | Path | 
         if record.merged:
             patch.merge()
     return job
+
+
+def _read_run(path: Path) -> tuple[Manifest, dict[str, torch.Tensor], bool]:
+    """(manifest, tensors, whether the tensors go by the live model's names) of a run directory,
+    or of a saved state dict that carries a run: accelerate's save_state / save_model folder (its
+    model.safetensors), or a .safetensors file of `model.state_dict()`."""
+    file = path if path.is_file() else path / checkpoints.WEIGHTS_FILE
+    if (path / MANIFEST_FILE).is_file() or not file.is_file() or file.suffix != ".safetensors":
+        return read_manifest(path), _read_adapters(path), False
+    try:
+        found = checkpoints.run_in_state(load_file(str(file)), file)
+    except (OSError, SafetensorError) as err:
+        raise ManifestError(f"cannot read {file}: {err}") from None
+    if found is None:
+        raise ManifestError(f"{path} is neither a surgeon run ({MANIFEST_FILE}) nor a state dict saved from a "
+                            "patched model (it carries no surgeon manifest)")
+    manifest, tensors = found
+    if manifest.originals.kind == "spilled":
+        raise ManifestError(f"{file}: a state dict cannot hold spilled originals, but its manifest names some")
+    return manifest, tensors, True
+
+
+def _fill_live(job: Job, tensors: dict[str, torch.Tensor]) -> None:
+    """Fill the run's tensors from a state dict keyed by the live model's names."""
+    seam = job.model.__dict__[checkpoints.SEAM_ATTR]
+    expected = seam.run_tensor_names()
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        listed = [f"{label} {names[:3]}" for label, names in (("missing", missing), ("unexpected", unexpected)) if names]
+        raise ManifestError(f"the state dict does not hold exactly the run's tensors: {'; '.join(listed)}")
+    params = dict(job.model.named_parameters(remove_duplicate=False))
+    _copy_checked({name: params[name] for name in expected}, tensors)
+
+
+def _copy_checked(targets: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, param in targets.items():
+            if tuple(tensors[name].shape) != tuple(param.shape):
+                raise ManifestError(f"{name} has shape {tuple(tensors[name].shape)}, expected {tuple(param.shape)}")
+            param.copy_(tensors[name].to(param.dtype))
 
 
 def _check_records(run_dir: Path, records: list[PatchRecord], the_plan: Plan) -> None:
@@ -512,9 +559,4 @@ def _fill(job: Job, tensors: dict[str, torch.Tensor]) -> None:
     if missing or unexpected:
         listed = [f"{label} {names[:3]}" for label, names in (("missing", missing), ("unexpected", unexpected)) if names]
         raise ManifestError(f"{ADAPTER_FILE} does not hold exactly the run's tensors: {'; '.join(listed)}")
-    with torch.no_grad():
-        for name, param in targets.items():
-            if tuple(tensors[name].shape) != tuple(param.shape):
-                raise ManifestError(f"{ADAPTER_FILE}: {name} has shape {tuple(tensors[name].shape)}, "
-                                    f"expected {tuple(param.shape)}")
-            param.copy_(tensors[name].to(param.dtype))
+    _copy_checked(targets, tensors)

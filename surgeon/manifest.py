@@ -189,6 +189,22 @@ def tensor_record(tensor: torch.Tensor, hashed: bool) -> TensorRecord:
                         sha256=sha256_tensor(tensor) if hashed else None)
 
 
+def parse_manifest(text: str, path: Path) -> Manifest:
+    """A manifest from its JSON text (read from `path`, named in errors), checksum and spec hash checked."""
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{path} holds a manifest of {len(text):,} characters, more than a manifest can be")
+    try:
+        manifest = Manifest.model_validate_json(text)
+    except (ValidationError, ValueError) as err:
+        first = err.errors()[0] if isinstance(err, ValidationError) else {"loc": (), "msg": str(err)}
+        where = ".".join(str(p) for p in first["loc"])
+        raise ManifestError(f"{path} is corrupt: {where + ': ' if where else ''}{first['msg']}") from None
+    _check_checksum(manifest, path)
+    if hashlib.sha256(manifest.spec_text.encode()).hexdigest() != manifest.spec_sha256:
+        raise ManifestError(f"{path}: the spec text does not match its sha256")
+    return manifest
+
+
 def read_manifest(run_dir: Path) -> Manifest:
     """Read and verify a run's manifest; any problem is a one-line ManifestError."""
     path = Path(run_dir) / MANIFEST_FILE
@@ -200,15 +216,11 @@ def read_manifest(run_dir: Path) -> Manifest:
         raise ManifestError(f"{path} is {path.stat().st_size:,} bytes, more than a manifest can be "
                             f"({MAX_MANIFEST_BYTES:,}): not a surgeon manifest")
     try:
-        manifest = Manifest.model_validate_json(path.read_text(encoding="utf-8"))
-    except (ValidationError, ValueError) as err:
-        first = err.errors()[0] if isinstance(err, ValidationError) else {"loc": (), "msg": str(err)}
-        where = ".".join(str(p) for p in first["loc"])
-        raise ManifestError(f"{path} is corrupt: {where + ': ' if where else ''}{first['msg']}") from None
-    _check_checksum(manifest, path)
+        text = path.read_text(encoding="utf-8")
+    except (OSError, ValueError) as err:
+        raise ManifestError(f"cannot read {path}: {err}") from None
+    manifest = parse_manifest(text, path)
     _check_originals(Path(run_dir), manifest)
-    if hashlib.sha256(manifest.spec_text.encode()).hexdigest() != manifest.spec_sha256:
-        raise ManifestError(f"{path}: the spec text does not match its sha256")
     adapters = Path(run_dir) / ADAPTER_FILE
     if manifest.adapter_sha256 is not None:
         if not adapters.is_file():

@@ -195,6 +195,8 @@ class _Planner:
             raise self.error(f"{method.name} needs a target: '{first} PATTERN'", statement.location)
         for clause in clauses:
             found = self.match(clause)
+            if lenient:  # `train weights in classifier`: the layers inside the modules named too
+                found = self.with_descendants(found)
             if lenient and clause.preposition != "except":
                 covered = self.covered(method)
                 found = {p: s for p, s in found.items()
@@ -221,6 +223,15 @@ class _Planner:
             raise self.error("nothing is left to patch after 'except'", statement.location,
                              "the except patterns remove every module the statement matched")
         return chosen, lenient
+
+    def with_descendants(self, found: dict[str, set[str | None]]) -> dict[str, set[str | None]]:
+        wider = dict(found)
+        prefixes = tuple(f"{path}." for path, slices in found.items() if None in slices)
+        if prefixes:
+            for path in self.graph.modules:
+                if path.startswith(prefixes):
+                    wider.setdefault(path, set()).add(None)
+        return wider
 
     def covered(self, method: type[Method]) -> set[str]:
         """Modules a live job already did with this method, where doing it again is refused: a

@@ -77,17 +77,17 @@ def test_head_of_a_classifier_trains_alone_and_reverts_exactly():
 
 
 def test_a_head_of_several_layers_and_a_container_pattern():
-    """`head` names every layer of RoBERTa's classifier; `classifier` alone is the container, which
-    holds no tensor itself: `classifier.**` reaches its layers."""
+    """`head` names every layer of RoBERTa's classifier; `classifier`, the container, means the
+    layers inside it (as PEFT's modules_to_save=["classifier"] does), and so does `classifier.**`."""
     model = tiny_roberta_cls()
     expected = {f"classifier.{m}.{t}" for m in ("dense", "out_proj") for t in ("weight", "bias")}
     d, labels = model.config.hidden_size, model.config.num_labels
-    for spec in ("train weights in head", "train weights in classifier.**"):
+    for spec in ("train weights in head", "train weights in classifier.**", "train weights in classifier"):
         plan = surgeon.check(spec, model)
         assert {f"{r.target.path}.{n}" for r in plan.rewrites for n in r.trained} == expected
         assert plan.trainable_parameters == d * d + d + labels * d + labels
     with pytest.raises(SpecError, match="none of the 1 modules the statement matched is one weights acts on"):
-        surgeon.check("train weights in classifier", model)
+        surgeon.check("train weights in roberta.embeddings.dropout", model)  # a module with no tensor at all
 
 
 def test_beside_lora_trains_merges_and_reverts_after_merge():

@@ -18,7 +18,7 @@ import transformers
 from torch import nn
 
 import surgeon
-from surgeon.checkpoints import LOAD_HINT
+from surgeon.checkpoints import LOAD_HINT, RUN_KEY, manifest_tensor
 from tests.conftest import assert_same_model, batch, clone, run, tiny_llama
 
 pytestmark = pytest.mark.stacks
@@ -130,7 +130,7 @@ def test_state_dict_holds_the_run_and_loads_back_strictly() -> None:
         for param in job.trainable_parameters().values():
             param.add_(0.25)
     state = model.state_dict()
-    assert set(state) == set(job.trainable_parameters())  # adapters only, no frozen base tensor
+    assert set(state) == set(job.trainable_parameters()) | {RUN_KEY}  # adapters and the manifest, no base
     assert len(model.state_dict(keep_vars=True)) > len(state)  # inspection still sees everything
     surgeon.apply(LORA, other, seed=1)
     assert not other.load_state_dict(state, strict=True).missing_keys
@@ -241,8 +241,13 @@ def test_accelerate_save_state_holds_the_run_and_load_state_resumes(tmp_path: Pa
     full = clone(base).state_dict()
     adapter_bytes = sum(p.numel() * p.element_size() for p in job.trainable_parameters().values())
     for folder in (tmp_path / "state", tmp_path / "model"):
-        assert (folder / "model.safetensors").stat().st_size < adapter_bytes + 4096
+        assert (folder / "model.safetensors").stat().st_size < adapter_bytes + len(manifest_tensor(job)) + 4096
     assert adapter_bytes < 0.1 * sum(t.numel() * t.element_size() for t in full.values())
+
+    for folder in (tmp_path / "state", tmp_path / "model"):  # each carries the whole run
+        rebuilt = clone(base)
+        assert trained_equal(surgeon.load(folder, rebuilt), job)
+        assert torch.equal(run(rebuilt, batch()), run(model, batch()))
 
     other = clone(base)
     other_job = surgeon.apply(LORA, other, seed=5)
@@ -319,7 +324,7 @@ def test_lightning_checkpoints_hold_the_run_and_resume_exactly(tmp_path: Path) -
     fit(job, model, tmp_path / "a")
     halfway = next((tmp_path / "a").rglob("*step=2.ckpt"))
     saved = torch.load(halfway, weights_only=True)["state_dict"]
-    assert {k.removeprefix("model.") for k in saved} == set(job.trainable_parameters())
+    assert {k.removeprefix("model.") for k in saved} == set(job.trainable_parameters()) | {RUN_KEY}
 
     other = clone(base)
     other_job = surgeon.apply(LORA, other, seed=3)
@@ -365,3 +370,34 @@ def test_the_cli_reverts_and_merges_a_qlora_checkpoint_that_holds_no_originals(t
     merged = runner.invoke(app, ["merge", str(tmp_path / "ckpt"), "--model", str(tmp_path / "base"),
                                  "--out", str(tmp_path / "merged")])
     assert merged.exit_code == 0, merged.output
+
+
+def test_a_saved_state_dict_is_a_run_and_a_tampered_one_is_refused(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    base = tiny_llama()
+    model = clone(base)
+    job = surgeon.apply("quantize base nf4\n" + LORA + "\ntrain bias add=true only=q", model, seed=0)
+    with torch.no_grad():
+        for param in job.trainable_parameters().values():
+            param.add_(0.125)
+    state = model.state_dict()
+    save_file(state, str(tmp_path / "state.safetensors"))
+    rebuilt = clone(base)
+    loaded = surgeon.load(tmp_path / "state.safetensors", rebuilt)
+    assert torch.equal(run(rebuilt, batch()), run(model, batch()))
+    loaded.revert()  # the originals were spilled again from the base given
+    assert_same_model(rebuilt, base)
+
+    text = bytes(state[RUN_KEY].numpy()).decode().replace("r=4", "r=2")
+    tampered = dict(state) | {RUN_KEY: torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)}
+    save_file(tampered, str(tmp_path / "tampered.safetensors"))
+    fresh = clone(base)
+    with pytest.raises(surgeon.SurgeonError, match="checksum|sha256"):
+        surgeon.load(tmp_path / "tampered.safetensors", fresh)
+    assert_same_model(fresh, base)
+    extra = dict(state) | {"model.norm.weight": torch.ones(64)}
+    save_file(extra, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(surgeon.SurgeonError, match="unexpected .*model.norm.weight"):
+        surgeon.load(tmp_path / "extra.safetensors", fresh)
+    assert_same_model(fresh, base)
