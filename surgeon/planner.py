@@ -35,6 +35,7 @@ class Rewrite(BaseModel):
     added: dict[str, tuple[int, ...]]
     location: Location
     trained: dict[str, tuple[int, ...]] = {}  # the target's own parameters made trainable
+    trained_tensors: dict[str, str] = {}  # their names in the model (one name for a tied tensor)
     label: str | None = None
     bytes_before: int = 0  # the target's own tensors, before and after (quantization shrinks them)
     bytes_after: int = 0
@@ -62,7 +63,8 @@ class Plan(BaseModel):
     @property
     def trainable_parameters(self) -> int:
         """Added parameters plus the base parameters made trainable (each counted once)."""
-        trained = {f"{r.target.path}.{name}": math.prod(shape) for r in self.rewrites for name, shape in r.trained.items()}
+        trained = {r.trained_tensors.get(name, f"{r.target.path}.{name}"): math.prod(shape)
+                   for r in self.rewrites for name, shape in r.trained.items()}
         return self.added_parameters + sum(trained.values())
 
 
@@ -134,7 +136,8 @@ class _Planner:
         try:
             return method.Params(**from_words, **{k: p.value for k, p in by_key.items()})
         except ValidationError as err:
-            problem = err.errors()[0]
+            # an unknown key first: `rank=8` beside a missing total_steps is most likely the cause of both
+            problem = min(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
             key = str(problem["loc"][0]) if problem["loc"] else ""
             location = by_key[key].location if key in by_key else statement.location
             if problem["type"] == "extra_forbidden":
@@ -310,7 +313,8 @@ class _Planner:
             rewrites.append(Rewrite(
                 statement=index, verb=method.verb, method=method.name,
                 params=params.model_dump(), target=target, added=method.added_shapes(target, params),
-                trained=method.trained_shapes(target, params),
+                trained=(trained := method.trained_shapes(target, params)),
+                trained_tensors={n: info.params[n].name for n in trained if n in info.params},
                 location=statement.location, label=statement.name, bytes_before=before, bytes_after=after,
             ))
         if not rewrites:
@@ -326,7 +330,8 @@ class _Planner:
         if tied and not params.tied:
             raise self.error(f"{info.path} shares its weights with {', '.join(tied)} (tied weights)",
                              statement.location,
-                             "add tied=true to patch it anyway (a merge then unties them), or 'except' it")
+                             "add tied=true to patch it anyway (a weight delta's merge then unties them), "
+                             "or 'except' it")
 
     def order(self, rewrites: list[Rewrite]) -> tuple[Rewrite, ...]:
         """The rewrite graph: same-module rewrites must stack in an allowed order; no cycles."""

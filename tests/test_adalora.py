@@ -300,7 +300,7 @@ def test_on_a_quantized_base():
     ("inject adalora init_r=4 target_r=2 into *.attn.q", "needs total_steps"),
     ("inject adalora init_r=4 beta1=1.5 total_steps=10 into *.attn.q", "beta1"),
     ("inject adalora init_r=100 total_steps=10 into *.attn.v", "init_r=100 is larger"),
-    ("inject adalora total_step=10 into *.attn.q", "needs total_steps=N"),
+    ("inject adalora total_step=10 into *.attn.q", "did you mean 'total_steps'"),
     ("inject adalora init_rank=4 total_steps=10 into *.attn.q", "did you mean 'init_r'"),
 ])
 def test_bad_input_is_refused_at_plan_time(spec, message):

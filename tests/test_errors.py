@@ -230,3 +230,9 @@ def test_peft_spellings_suggest_surgeons_names(workspace, text, where, message, 
 def test_a_wrong_name_that_is_no_peft_name_keeps_difflib():
     with pytest.raises(SpecError, match="did you mean 'alpha'"):
         surgeon.check("inject lora alpah=8 into *.attn.q", tiny_llama())
+
+
+def test_an_unknown_parameter_is_named_before_a_missing_one():
+    """`rank=3` beside a missing total_steps: the unknown key is the likely cause of both."""
+    with pytest.raises(SpecError, match="unknown parameter 'rank' for adalora"):
+        surgeon.check("inject adalora rank=3 into *.attn.q", tiny_llama())

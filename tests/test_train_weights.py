@@ -248,3 +248,12 @@ def test_check_counts_the_weights_it_makes_trainable(tmp_path):
     per_method = json.loads(result.output)["per_method"]
     assert per_method == {"train weights": c.hidden_size * c.num_labels + c.num_labels,
                           "train bias": 2 * c.hidden_size * c.num_hidden_layers}
+
+
+def test_a_tied_tensor_reached_twice_is_counted_once() -> None:
+    """GPT-2's wte is its head too: training both names trains one tensor, and check says so."""
+    model = tiny_gpt2()
+    plan = surgeon.check("train weights tied=true in <embed,head>", model)
+    wte = model.transformer.wte.weight
+    assert model.lm_head.weight is wte
+    assert plan.trainable_parameters == wte.numel()
