@@ -401,3 +401,51 @@ def test_a_saved_state_dict_is_a_run_and_a_tampered_one_is_refused(tmp_path: Pat
     with pytest.raises(surgeon.SurgeonError, match="unexpected .*model.norm.weight"):
         surgeon.load(tmp_path / "extra.safetensors", fresh)
     assert_same_model(fresh, base)
+
+
+ADALORA_SHORT = "inject adalora init_r=4 target_r=2 tinit=1 tfinal=1 total_steps=6 into *.attn.<q,v>"
+
+
+def budget_reached(model: nn.Module) -> bool:
+    kept = [k for mask in surgeon_rank_pattern(model).values() for k in mask]
+    return len(kept) == 4 * 4 and sum(kept) == 2 * 4  # four matrices of init_r=4, target_r=2 each
+
+
+def test_adalora_reaches_its_budget_under_accelerate_with_gradient_accumulation() -> None:
+    from accelerate import Accelerator
+
+    model = tiny_llama().train()
+    job = surgeon.apply(ADALORA_SHORT, model, seed=0)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    prepared, optimizer = accelerator.prepare(model, job.optimizer(lr=1e-2))
+    for micro in range(12):  # 12 micro-batches, 6 optimizer steps: exactly the schedule
+        with accelerator.accumulate(prepared):
+            ids = batch(seed=micro)
+            accelerator.backward(prepared(input_ids=ids, labels=ids).loss)
+            optimizer.step()
+            optimizer.zero_grad()
+    assert job._steps is not None and job._steps.steps_taken == 6
+    assert budget_reached(model)
+
+
+def test_adalora_reaches_its_budget_under_lightning() -> None:
+    import lightning
+
+    class Module(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = tiny_llama().train()
+            self.job = surgeon.apply(ADALORA_SHORT, self.model, seed=0)
+
+        def training_step(self, ids: torch.Tensor, index: int) -> torch.Tensor:
+            return self.model(input_ids=ids, labels=ids).loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return self.job.optimizer(lr=1e-2)
+
+    ids = torch.randint(1, 128, (12, 12), generator=torch.Generator().manual_seed(0))
+    module = Module()
+    lightning.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False).fit(
+        module, torch.utils.data.DataLoader(ids, batch_size=2))
+    assert budget_reached(module.model)
