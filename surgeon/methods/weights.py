@@ -9,10 +9,11 @@ own parameters, `Patch.trained_base_parameters`), as BitFit does for biases: the
 classes and names, `job.trainable_parameters()` lists the tensors by their model names, the
 original values are kept, and revert copies them back. PEFT instead trains a copy of the module
 beside the original (`ModulesToSaveWrapper`); the outputs are the same, the memory is the one copy
-either way. Patterns are lenient, as BitFit's are: a pattern keeps the modules it matches that hold
-a weight or a bias (layers, embeddings, norms), never a container, so `in classifier.**` reaches
-every layer of a head made of several (RoBERTa's classifier: dense, out_proj) and `in head` does
-too, since the `head` role names each of them. A module whose weight is shared with another one
+either way. Patterns are lenient, as BitFit's are: of the modules a pattern matches and the
+modules inside them, a statement keeps those that hold a weight or a bias (layers, embeddings,
+norms), so `in classifier` trains every layer of a head made of several (RoBERTa's classifier:
+dense, out_proj), as PEFT's `modules_to_save=["classifier"]` does, and `in head` does too, since
+the `head` role names each of them. A module whose weight is shared with another one
 (tied embeddings) is refused unless tied=true: training it in place trains it for both (PEFT's copy
 would untie them, so such a statement does not export to PEFT). Merge leaves the trained weights as
 they are (they are the weights); revert after it still gives the originals back. Exported to and
@@ -76,8 +77,8 @@ class Weights(Method):
     name = "weights"
     Params = WeightsParams
     prepositions = frozenset({"in"})
-    # containers are accepted so a pattern naming one is "matched, but nothing to train" (with the
-    # planner's hint to widen it: `in classifier.**`), not "matches no module"; `keeps` drops them
+    # containers are accepted so a pattern naming one that holds no weight anywhere inside is
+    # "matched, but nothing to train", not "matches no module"; `keeps` drops them
     kinds = frozenset({"linear", "conv1d", "conv2d", "embedding", "norm", "other", "container"})
     mergeable = True
     peft_scope = "modules_to_save"
