@@ -415,7 +415,7 @@ def _live_conflict(new: type[Method], old: type[Method]) -> str | None:
     if refusal:
         return f"'{_said(new)}' cannot stack on '{_said(old)}': {refusal}"
     if new is old and new.verb == "inject":
-        return "several adapters on the same modules come with composition (issue 12)"
+        return "several adapters on one module are not supported yet (they come with named adapters and composition)"
     if new is old:
         return f"'{_said(new)}' already acts on it"
     if new.name in old.stacks_on:

@@ -150,7 +150,7 @@ def test_wrapper_internals_match_no_pattern() -> None:
 REFUSED = [
     (Q_V, "inject lora r=2 into *.attn.q",
      ["model.layers.0.self_attn.q_proj is already patched by a live job ('inject lora r=4 into *.attn.<q,v>'); "
-      "several adapters on the same modules come with composition (issue 12)"]),
+      "several adapters on one module are not supported yet"]),
     (Q_V, "inject dora r=2 into *.attn.v", ["v_proj is already patched by a live job", "'inject dora' does not "
                                             "stack on 'inject lora'"]),
     (Q_V, "quantize base nf4", ["q_proj is already patched by a live job ('inject lora r=4 into *.attn.<q,v>'); "
