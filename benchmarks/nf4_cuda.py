@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from surgeon.methods.quantize import QuantizedLinear  # noqa: E402
+from surgeon.methods.weights.quantize import QuantizedLinear  # noqa: E402
 from surgeon.quant import quantize  # noqa: E402
 
 

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 import surgeon
-from surgeon.methods.adalora import ranks
+from surgeon.methods.weights.adalora import ranks
 
 SPEC = """
 inject adalora init_r=8 target_r=2 tinit=10 tfinal=10 total_steps=60 alpha=16 into *.attn.<q,v>

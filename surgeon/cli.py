@@ -19,7 +19,7 @@ from rich.tree import Tree
 from torch import nn
 
 from surgeon import progress
-from surgeon.bnb_format import check_bnb_4bit, save_bnb_4bit
+from surgeon.quant.bnb import check_bnb_4bit, save_bnb_4bit
 from surgeon.errors import SurgeonError, did_you_mean
 from surgeon.files import same_or_nested, write_dir
 from surgeon.graph import ModuleGraph, build_module_graph

@@ -11,7 +11,7 @@ from torch import nn
 import surgeon
 from surgeon.errors import ExportError, SpecError, SurgeonError
 from surgeon.language import parse_spec
-from surgeon.methods.adalora import AdaLora, AdaLoraParams, rank_pattern, ranks
+from surgeon.methods.weights.adalora import AdaLora, AdaLoraParams, rank_pattern, ranks
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install -e '.[test]'")
 

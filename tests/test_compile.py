@@ -19,7 +19,7 @@ from test_quant import bnb_dequantize, bnb_quantize, needs_bnb, same_dequantized
 from torch import nn
 
 import surgeon
-from surgeon.methods.quantize import QuantizedLinear
+from surgeon.methods.weights.quantize import QuantizedLinear
 from surgeon.quant import dequantize_plain, quantize
 
 pytestmark = pytest.mark.compile

@@ -17,7 +17,7 @@ from test_qlora import QLORA, _make_sharded_checkpoint, linear_layers
 from test_quant import REFERENCE, same_bits, same_dequantized, sample
 
 import surgeon
-from surgeon.methods.quantize import QuantizedLinear
+from surgeon.methods.weights.quantize import QuantizedLinear
 from surgeon.quant import code_4bit, quantize
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -96,7 +96,7 @@ def test_codec_on_cuda_against_bitsandbytes_cuda(shape, dtype, qtype, double):
 @pytest.mark.parametrize("shape", [(1024, 4096), (300, 257), (37, 64), (4097,)], ids=lambda s: "x".join(map(str, s)))
 def test_fused_cuda_dequantize_equals_the_torch_path(monkeypatch, shape, qtype):
     pytest.importorskip("triton")
-    import surgeon.quant as quant_module
+    import surgeon.quant.codec as quant_module
 
     x = sample(shape, torch.bfloat16, seed=5).to(CUDA)
     results = {}
@@ -204,7 +204,7 @@ def test_requantized_merge_on_cuda_loads_in_transformers_with_bitsandbytes(tmp_p
     functional = bnb_cuda()
     import transformers
 
-    from surgeon.bnb_format import save_bnb_4bit
+    from surgeon.quant.bnb import save_bnb_4bit
 
     shutil.copytree(ROOT / "examples" / "tiny-llama", tmp_path / "model")
     job = surgeon.apply_checkpoint(QLORA, str(tmp_path / "model"), seed=0, device="cuda")

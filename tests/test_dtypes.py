@@ -23,7 +23,7 @@ from torch import nn
 
 import surgeon
 from surgeon.errors import RevertError
-from surgeon.methods.quantize import QuantizedLinear
+from surgeon.methods.weights.quantize import QuantizedLinear
 
 CASTS: dict[str, tuple[Callable[[nn.Module], nn.Module], torch.dtype]] = {
     "to-bf16": (lambda m: m.to(torch.bfloat16), torch.bfloat16),

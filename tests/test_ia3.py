@@ -11,7 +11,7 @@ from torch import nn
 
 import surgeon
 from surgeon.errors import ExportError, SpecError
-from surgeon.methods.ia3 import Ia3
+from surgeon.methods.weights.ia3 import Ia3
 from surgeon.planner import params_of
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install -e '.[test]'")

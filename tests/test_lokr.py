@@ -12,7 +12,7 @@ from torch import nn
 
 import surgeon
 from surgeon.errors import ExportError, SpecError
-from surgeon.methods.lokr import Lokr, factorize
+from surgeon.methods.weights.lokr import Lokr, factorize
 from surgeon.planner import params_of
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install -e '.[test]'")

@@ -15,7 +15,7 @@ from test_prompt import (apply, assert_forward_parity, assert_generate_parity, a
 
 import surgeon
 from surgeon.errors import SpecError, SurgeonError
-from surgeon.methods.mpt import use_task
+from surgeon.methods.inputs.mpt import use_task
 from surgeon.planner import method_of, params_of
 
 TASKS = torch.tensor([2, 0])

@@ -11,7 +11,7 @@ import surgeon
 from surgeon.errors import SpecError, SurgeryError
 from surgeon.graph import build_module_graph
 from surgeon.methods import base
-from surgeon.methods.lora import Lora
+from surgeon.methods.weights.lora import Lora
 
 
 class _Scale(nn.Module):

@@ -22,7 +22,7 @@ import surgeon
 from surgeon.cli import app
 from surgeon.errors import SpecError, SurgeonError
 from surgeon.methods.base import Target
-from surgeon.methods.prefix import Prefix
+from surgeon.methods.attention.prefix import Prefix
 from surgeon.models import load_model
 
 ROOT = Path(__file__).resolve().parent.parent

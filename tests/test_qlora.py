@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import surgeon
 from surgeon.cli import app
 from surgeon.errors import RevertError, SpecError
-from surgeon.methods.quantize import QuantizedLinear
+from surgeon.methods.weights.quantize import QuantizedLinear
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()

@@ -167,13 +167,14 @@ def test_dequantize_half_is_bitsandbytes(shape, qtype, out_dtype):
 @pytest.mark.parametrize("small_chunks", [False, True], ids=["default-chunks", "small-chunks"])
 def test_many_chunks_and_threads_are_bitsandbytes(monkeypatch, small_chunks):
     """Several chunks on several threads (the thread pool), with a partial block at the end."""
-    import surgeon.quant as quant_module
+    import surgeon.quant.codec as codec
+    import surgeon.quant.threads as threads
 
     if small_chunks:  # ~100 chunks, and threads from 2 chunks on
-        monkeypatch.setattr(quant_module, "_QUANT_CHUNK", 8192)
-        monkeypatch.setattr(quant_module, "_DEQUANT_CHUNK", 4096)
-        monkeypatch.setattr(quant_module, "_INT8_CHUNK", 8192)
-        monkeypatch.setattr(quant_module, "_MIN_PARALLEL_CHUNKS", 2)
+        monkeypatch.setattr(codec, "_QUANT_CHUNK", 8192)
+        monkeypatch.setattr(codec, "_DEQUANT_CHUNK", 4096)
+        monkeypatch.setattr(codec, "_INT8_CHUNK", 8192)
+        monkeypatch.setattr(threads, "_MIN_PARALLEL_CHUNKS", 2)
     x = sample((1031, 777), torch.bfloat16, seed=3)  # 801087 elements: odd numel, a partial block
     previous = torch.get_num_threads()
     try:
@@ -335,7 +336,7 @@ def test_reference_file_without_bitsandbytes():
     # differ by an ulp on another CPU's vector width). If so, check the rest given bitsandbytes' offset.
     if not same_bits(q.absmax_offset, offset):
         assert torch.allclose(q.absmax_offset, offset, rtol=1e-6, atol=0)
-        from surgeon.quant import _quantize_dynamic
+        from surgeon.quant.codec import _quantize_dynamic
 
         plain = quantize(ref["big.x"], "nf4", blocksize=32)
         codes8, scale, _ = _quantize_dynamic(plain.absmax, offset)
@@ -513,7 +514,7 @@ def test_to_device_and_constructor_compatibility():
     q = quantize(torch.randn(40, 64), "nf4", double=True)
     moved = q.to("cpu")
     assert moved is not q and moved.codes is q.codes  # already there: the same tensors
-    # what surgeon/methods/quantize.py does: rebuild from the stored fields
+    # what surgeon/methods/weights/quantize.py does: rebuild from the stored fields
     rebuilt = QuantizedTensor(qtype=q.qtype, shape=q.shape, dtype=q.dtype, blocksize=q.blocksize, codes=q.codes,
                               absmax=q.absmax, double=q.double, absmax_scale=q.absmax_scale,
                               absmax_offset=q.absmax_offset)
@@ -532,9 +533,9 @@ def test_small_and_empty_tensors():
 
 
 def test_inference_mode_and_grad(monkeypatch):
-    import surgeon.quant as quant_module
+    import surgeon.quant.threads as threads
 
-    monkeypatch.setattr(quant_module, "_MIN_PARALLEL_CHUNKS", 2)  # the worker threads, not inline
+    monkeypatch.setattr(threads, "_MIN_PARALLEL_CHUNKS", 2)  # the worker threads, not inline
     x = sample((700, 800), torch.float32, seed=10).requires_grad_()  # several chunks
     with torch.inference_mode():
         q = quantize(x, "nf4", double=True)

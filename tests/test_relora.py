@@ -7,7 +7,7 @@ from conftest import assert_same_model, batch, clone, run, tiny_gpt2, tiny_llama
 import surgeon
 from surgeon.errors import ExportError, SpecError, SurgeonError
 from surgeon.methods.base import registry
-from surgeon.methods.relora import jagged_cosine_schedule, schedule_for
+from surgeon.methods.weights.relora import jagged_cosine_schedule, schedule_for
 
 QV = "inject relora r=2 alpha=4 restart_every=3 into *.attn.<q,v>"
 

@@ -261,7 +261,7 @@ def test_the_seeded_ptuning_encoder_is_drawn_with_torch_default_laws(encoder):
     """Drawn again from the generator, the encoder is bit for bit what torch's own reset_parameters
     draws from a global RNG in the same state: same laws, same order."""
     from surgeon.methods._rng import reset_parameters
-    from surgeon.methods.ptuning import PromptEncoder, PTuningParams
+    from surgeon.methods.inputs.ptuning import PromptEncoder, PTuningParams
 
     params = PTuningParams(tokens=4, encoder=encoder, hidden=24)
     torch.manual_seed(11)

@@ -185,7 +185,7 @@ def test_adalora_under_trainer_reaches_its_budget_as_an_explicit_loop_does(tmp_p
 
 
 def surgeon_rank_pattern(model: nn.Module) -> dict[str, list[bool]]:
-    from surgeon.methods.adalora import rank_pattern
+    from surgeon.methods.weights.adalora import rank_pattern
 
     return rank_pattern(model)
 

@@ -12,7 +12,7 @@ from torch import nn
 import surgeon
 from surgeon.errors import RevertError, SpecError
 from surgeon.graph import build_module_graph
-from surgeon.methods.quantize import QuantizedLinear
+from surgeon.methods.weights.quantize import QuantizedLinear
 
 Q_V = "inject lora r=4 into *.attn.<q,v>"
 

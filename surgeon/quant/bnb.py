@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from surgeon.errors import SurgeonError
-from surgeon.methods.quantize import QuantizedLinear
+from surgeon.methods.weights.quantize import QuantizedLinear
 from surgeon.models import save_base_model
 from surgeon.quant import code_4bit, dynamic_map
 

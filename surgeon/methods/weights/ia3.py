@@ -23,7 +23,7 @@ from torch import nn
 from surgeon.errors import ExportError
 from surgeon.methods.base import (ApplyContext, Method, MethodParams, Patch, Target, WrapPatch, locate,
                                   register)
-from surgeon.methods.lora import compute_dtype_device
+from surgeon.methods.weights.lora import compute_dtype_device
 
 FEEDFORWARD_ROLES = frozenset({"down"})  # the layer that reads the FFN's hidden activation
 

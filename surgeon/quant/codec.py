@@ -1,6 +1,6 @@
 """Blockwise 4-bit (NF4, FP4) and 8-bit quantization in plain PyTorch, bit-identical to bitsandbytes.
 
-API (used by surgeon/methods/quantize.py; keep these names and signatures):
+API (used by surgeon/methods/weights/quantize.py; keep these names and signatures):
 
     qt = quantize(weight, "nf4", blocksize=64, double=True)   # QuantizedTensor
     w = qt.dequantize(torch.bfloat16)                          # tensor of qt.shape in that dtype
@@ -63,7 +63,7 @@ process slows only its share). Each worker runs torch single-threaded while it w
 `torch.set_num_threads` is per thread, but torch also records the value process-wide for threads
 that have not yet run a parallel op; the worker puts the previous value back when it is done.
 Scratch buffers are kept per thread and reused. A large fresh output buffer is advised to use
-transparent huge pages (`_empty`; SURGEON_QUANT_HUGEPAGES=0 turns that off): on a small VM the
+transparent huge pages (`empty`; SURGEON_QUANT_HUGEPAGES=0 turns that off): on a small VM the
 4 KiB page faults of a fresh 90 MB tensor cost more than the dequantize. SURGEON_QUANT_CHUNK and
 SURGEON_DEQUANT_CHUNK override the chunk sizes (elements / bytes), for tuning. Tensors of up to
 16 chunks (4M parameters) run in the calling thread: on 2 vCPUs a second thread did not pay there.
@@ -72,19 +72,17 @@ The packing and key tricks view fp32/uint8 buffers as 16-bit words: little-endia
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
-from surgeon.quant_cuda import dequantize_4bit_fused
+from surgeon.quant.cuda import dequantize_4bit_fused
+from surgeon.quant.threads import empty, run_chunks, scratch, single_threaded
 
 QTYPES = ("nf4", "fp4", "int8")
 
@@ -100,11 +98,6 @@ if sys.byteorder != "little":  # pragma: no cover
 _QUANT_CHUNK = int(os.environ.get("SURGEON_QUANT_CHUNK", 1 << 18))
 _DEQUANT_CHUNK = int(os.environ.get("SURGEON_DEQUANT_CHUNK", 1 << 17))
 _INT8_CHUNK = 1 << 17
-# Python glue between torch ops holds the GIL (~5 us an op): past a few threads they queue for it.
-_MAX_WORKERS = 8
-# Threads only for more chunks than this (4M parameters for 4-bit): below, waking a second thread
-# and passing the GIL back and forth cost more than they save (measured on 2 vCPUs).
-_MIN_PARALLEL_CHUNKS = 17
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,129 +246,6 @@ def _tables_dynamic(device: torch.device) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------
-# threads
-
-
-class _Pool:
-    """A few persistent threads; recreated after a fork (threads do not survive one)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._executor: ThreadPoolExecutor | None = None
-        self._size = 0
-        self._pid = 0
-
-    def get(self, size: int) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._executor is None or self._pid != os.getpid() or self._size < size:
-                # the old executor is not shut down: a concurrent caller may still submit to it; its
-                # idle threads exit once it is garbage collected
-                self._executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="surgeon-quant")
-                self._size, self._pid = size, os.getpid()
-            return self._executor
-
-
-_POOL = _Pool()
-_SCRATCH = threading.local()
-
-
-def _scratch(name: str, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A per-thread reusable buffer of at least `size` elements (CPU only; elsewhere a fresh one)."""
-    if device.type != "cpu":
-        return torch.empty(size, dtype=dtype, device=device)
-    buffers = getattr(_SCRATCH, "buffers", None)
-    if buffers is None:
-        buffers = _SCRATCH.buffers = {}
-    buf = buffers.get(name)
-    if buf is None or buf.numel() < size or buf.dtype != dtype:
-        with torch.inference_mode(False):  # kept across calls: never an inference tensor
-            buf = buffers[name] = torch.empty(size, dtype=dtype)
-    return buf[:size]
-
-
-_HUGE_PAGES = os.environ.get("SURGEON_QUANT_HUGEPAGES", "1") not in ("0", "false", "no")
-_HUGE_MIN_BYTES = 32 << 20  # glibc serves these with a fresh mmap of their own (threshold max 32 MiB)
-_MADV_HUGEPAGE = 14
-_libc = None
-
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """torch.empty; a large CPU buffer is first advised to use transparent huge pages (Linux).
-
-    A fresh 90 MB output costs ~30 ms of 4 KiB page faults on first write on a small VM, more than
-    the dequantize itself; with 2 MiB pages it costs ~2 ms. Only the page-aligned interior of a buffer
-    that has a mapping of its own is advised. Off with SURGEON_QUANT_HUGEPAGES=0."""
-    out = torch.empty(shape, dtype=dtype, device=device)
-    nbytes = out.numel() * out.element_size()
-    if _HUGE_PAGES and device.type == "cpu" and nbytes >= _HUGE_MIN_BYTES and os.name == "posix":
-        global _libc
-        try:
-            import ctypes
-
-            if not sys.platform.startswith("linux"):
-                return out
-            if _libc is None:
-                _libc = ctypes.CDLL(None, use_errno=True)
-            start, end = out.data_ptr(), out.data_ptr() + nbytes
-            huge = 1 << 21
-            first, last = (start + huge - 1) & ~(huge - 1), end & ~(huge - 1)
-            if last > first:
-                _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_HUGEPAGE)
-        except Exception:  # noqa: BLE001 - only a hint
-            pass
-    return out
-
-
-@contextmanager
-def _single_threaded(device: torch.device) -> Iterator[None]:
-    """torch ops of this thread on one thread (CPU), the previous setting restored afterwards."""
-    previous = torch.get_num_threads()
-    if device.type != "cpu" or previous == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _run_chunks(work: Callable[[int, int], None], total: int, chunk: int, device: torch.device,
-                min_parallel: int | None = None) -> None:
-    """Call work(start, stop) over [0, total) in steps of `chunk`, on up to get_num_threads() threads.
-
-    Chunks are handed out dynamically, so a core taken by another process only slows its own share.
-    Each worker runs torch single-threaded while it works (torch.set_num_threads is per thread for
-    OpenMP; the process-wide default is restored when it is done). Fewer than `min_parallel` chunks
-    run in the calling thread, also single-threaded: on a small VM an OpenMP team that has gone idle
-    takes milliseconds to wake, far more than such a job."""
-    if total <= 0:
-        return
-    min_parallel = _MIN_PARALLEL_CHUNKS if min_parallel is None else min_parallel
-    nchunks = -(-total // chunk)
-    workers = min(torch.get_num_threads(), nchunks, _MAX_WORKERS) if device.type == "cpu" else 1
-    if workers <= 1 or nchunks < min_parallel:
-        with _single_threaded(device):
-            for start in range(0, total, chunk):
-                work(start, min(start + chunk, total))
-        return
-    counter = itertools.count()
-    inference = torch.is_inference_mode_enabled()  # thread-local: the outputs may be inference tensors
-
-    def loop() -> None:
-        with _single_threaded(device), torch.inference_mode(inference), torch.no_grad():
-            while (i := next(counter)) < nchunks:
-                work(i * chunk, min((i + 1) * chunk, total))
-
-    executor = _POOL.get(workers)
-    futures = [executor.submit(loop) for _ in range(workers)]
-    errors = [f.exception() for f in futures]
-    for error in errors:
-        if error is not None:
-            raise error
-
-
-# ----------------------------------------------------------------------------------------------
 # the stored form
 
 
@@ -438,7 +308,7 @@ class QuantizedTensor:
             plain = dequantize_plain(self, dtype)
             return plain if out is None else out.copy_(plain)
         if out is None:
-            out = _empty(self.shape, dtype, self.device)
+            out = empty(self.shape, dtype, self.device)
         else:
             if out.dtype != dtype or tuple(out.shape) != tuple(self.shape) or not out.is_contiguous():
                 raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(self.shape)}, "
@@ -448,7 +318,7 @@ class QuantizedTensor:
         n = self.numel
         if n == 0:
             return out
-        with _single_threaded(self.device):  # a small job: waking an idle OpenMP team costs more
+        with single_threaded(self.device):  # a small job: waking an idle OpenMP team costs more
             absmax = self.block_absmax()
         flat = out.view(-1)
         if self.qtype == "int8":
@@ -571,12 +441,12 @@ def _blocks_fp32(flat: torch.Tensor, start: int, stop: int, blocksize: int, devi
     src = flat[start:stop]
     if src.dtype == torch.float32:
         return src.view(-1, blocksize)
-    return _scratch("x", stop - start, torch.float32, device).copy_(src).view(-1, blocksize)
+    return scratch("x", stop - start, torch.float32, device).copy_(src).view(-1, blocksize)
 
 
 def _block_absmax(xv: torch.Tensor, out: torch.Tensor, tmp: torch.Tensor) -> None:
     """out = max|x| per row of xv (nb, bs), exactly abs().amax(1) (NaN propagates) without a temporary."""
-    nan_free = _scratch("nan_free", out.numel(), torch.bool, out.device)
+    nan_free = scratch("nan_free", out.numel(), torch.bool, out.device)
     torch.amax(xv, 1, out=out)
     torch.amin(xv, 1, out=tmp)
     tmp.neg_()
@@ -601,33 +471,33 @@ def _quantize_4bit(flat: torch.Tensor, blocksize: int, qtype: str, codes: torch.
         length, nb = stop - start, (stop - start) // blocksize
         xv = _blocks_fp32(flat, start, stop, blocksize, device)
         am = absmax[start // blocksize: stop // blocksize]
-        tmp = _scratch("tmp", nb, torch.float32, device)
+        tmp = scratch("tmp", nb, torch.float32, device)
         _block_absmax(xv, am, tmp)
         torch.clamp(am, min=_MIN_ABSMAX, out=tmp).reciprocal_()  # bnb: x * (1.0 / absmax.clamp(1e-38))
-        scaled = _scratch("s", length, torch.float32, device)
+        scaled = scratch("s", length, torch.float32, device)
         torch.mul(xv, tmp[:, None], out=scaled.view(nb, blocksize))
-        key = _scratch("key", length, torch.int32, device)
+        key = scratch("key", length, torch.int32, device)
         key.copy_(scaled.view(torch.uint16)[1::2])  # top 16 bits (little endian)
-        threshold = _scratch("thr", length, torch.float32, device)
+        threshold = scratch("thr", length, torch.float32, device)
         torch.index_select(threshold_table, 0, key, out=threshold)
-        pos = _scratch("pos", length, torch.uint8, device)
+        pos = scratch("pos", length, torch.uint8, device)
         torch.index_select(pos_table, 0, key, out=pos)
-        above = _scratch("above", length, torch.bool, device)
+        above = scratch("above", length, torch.bool, device)
         torch.gt(scaled, threshold, out=above)
         pos.add_(above.view(torch.uint8))
         # pack: as int16 (little endian) a pair is pos[2i] + 256 * pos[2i+1]; 16 * v + (v >> 8) has the
         # byte (pos[2i] << 4) | pos[2i+1] at the bottom (int16 arithmetic wraps, the narrowing keeps it)
         pair = pos.view(torch.int16)
-        low = _scratch("pack", length // 2, torch.int16, device)
+        low = scratch("pack", length // 2, torch.int16, device)
         torch.bitwise_right_shift(pair, 8, out=low)
         low.add_(pair, alpha=16)
         packed = codes[start // 2: stop // 2]
         packed.copy_(low)
         if remap is not None:
-            idx = _scratch("idx", length // 2, torch.int32, device).copy_(packed)
+            idx = scratch("idx", length // 2, torch.int32, device).copy_(packed)
             torch.index_select(remap, 0, idx, out=packed)
 
-    _run_chunks(work, full, chunk, device)
+    run_chunks(work, full, chunk, device)
 
     if full < n:  # the last, partial block: as bitsandbytes, clamped absmax and a true division
         tail = flat[full:].float()
@@ -660,11 +530,11 @@ def _quantize_int8(flat: torch.Tensor, blocksize: int, codes: torch.Tensor, absm
     def work(start: int, stop: int) -> None:
         length, nb = stop - start, (stop - start) // blocksize
         xv = _blocks_fp32(flat, start, stop, blocksize, device)
-        scaled = _scratch("s", length, torch.float32, device).view(nb, blocksize)
-        encode(xv, absmax[start // blocksize: stop // blocksize], _scratch("tmp", nb, torch.float32, device),
+        scaled = scratch("s", length, torch.float32, device).view(nb, blocksize)
+        encode(xv, absmax[start // blocksize: stop // blocksize], scratch("tmp", nb, torch.float32, device),
                signed[start:stop], scaled)
 
-    _run_chunks(work, full, chunk, device)
+    run_chunks(work, full, chunk, device)
     if full < n:
         tail = flat[full:].float().view(1, -1)
         encode(tail, absmax[-1:], torch.empty(1, device=device), signed[full:], torch.empty_like(tail))
@@ -752,8 +622,8 @@ def _dequantize_4bit(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int, 
 
     def work(start: int, stop: int) -> None:  # in bytes
         nbytes, nb = stop - start, (stop - start) // half
-        idx = _scratch("didx", nbytes, torch.int32, device).copy_(codes[start:stop])
-        pairs = _scratch("dpairs", nbytes, torch.int64, device)
+        idx = scratch("didx", nbytes, torch.int32, device).copy_(codes[start:stop])
+        pairs = scratch("dpairs", nbytes, torch.int64, device)
         torch.index_select(pair_table, 0, idx, out=pairs)
         values = pairs.view(torch.float32).view(nb, blocksize)
         scale = absmax[start // half: stop // half, None]
@@ -765,7 +635,7 @@ def _dequantize_4bit(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int, 
             target.copy_(values)
 
     if not fused:
-        _run_chunks(work, full // 2, chunk, device)
+        run_chunks(work, full // 2, chunk, device)
     if full < n:
         rest = codes[full // 2:].to(torch.int64)
         values = pair_table.index_select(0, rest).view(torch.float32)[: n - full]
@@ -783,7 +653,7 @@ def _dequantize_int8(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int, 
 
     def work(start: int, stop: int) -> None:
         length, nb = stop - start, (stop - start) // blocksize
-        values = _scratch("dvals", length, torch.float32, device).copy_(signed[start:stop]).view(nb, blocksize)
+        values = scratch("dvals", length, torch.float32, device).copy_(signed[start:stop]).view(nb, blocksize)
         scale = factor[start // blocksize: stop // blocksize, None]
         target = out[start:stop].view(nb, blocksize)
         if direct:
@@ -792,6 +662,6 @@ def _dequantize_int8(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int, 
             values.mul_(scale)
             target.copy_(values)
 
-    _run_chunks(work, full, chunk, device)
+    run_chunks(work, full, chunk, device)
     if full < n:
         out[full:] = signed[full:].float() * factor[-1]

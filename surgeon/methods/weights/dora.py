@@ -24,7 +24,7 @@ from torch import nn
 
 from surgeon.errors import ExportError
 from surgeon.methods.base import ApplyContext, MethodParams, Patch, Target, locate, register
-from surgeon.methods.lora import Lora, LoraLinear, LoraParams, compute_dtype_device, LoraPatch
+from surgeon.methods.weights.lora import Lora, LoraLinear, LoraParams, compute_dtype_device, LoraPatch
 
 
 class DoraParams(LoraParams):

@@ -3,7 +3,7 @@
 `inject prompt tokens=20 [init=random|vocab|"some text"] [tokenizer=NAME] into embed`
 
 The P x d tensor `prompt_embeddings` is registered on the target embedding; the input-side seam
-(surgeon/methods/_prompt_inputs.py) puts it in front of the embedded ids, grows the attention
+(surgeon/methods/inputs/_prompt_inputs.py) puts it in front of the embedded ids, grows the attention
 mask and labels, and leaves the model's own class and forward alone. Init as PEFT's
 `PromptTuningConfig`: `random` N(0, 1) (nn.Embedding's init, off the embedding manifold), `vocab`
 rows of randomly sampled vocabulary tokens, or any other string: the embeddings of that text's
@@ -24,7 +24,7 @@ from pydantic import Field
 from torch import nn
 
 from surgeon.errors import ExportError, SurgeonError
-from surgeon.methods._prompt_inputs import (InputPromptMethod, PromptInputs, PromptParams, PromptPatch,
+from surgeon.methods.inputs._prompt_inputs import (InputPromptMethod, PromptInputs, PromptParams, PromptPatch,
                                             embedding_size, local_names, new_parameter, prefix_layout, scoped_names)
 from surgeon.methods._rng import randint, randn
 from surgeon.methods.base import ApplyContext, MethodParams, Patch, Target, locate, register

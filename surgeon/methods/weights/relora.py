@@ -31,7 +31,7 @@ from torch import nn
 
 from surgeon.errors import ManifestError, SurgeonError
 from surgeon.methods.base import ApplyContext, Method, MethodParams, Patch, Target, locate, register
-from surgeon.methods.lora import Lora, LoraLinear, LoraParams, compute_dtype_device, init_lora_a, LoraPatch
+from surgeon.methods.weights.lora import Lora, LoraLinear, LoraParams, compute_dtype_device, init_lora_a, LoraPatch
 
 
 class ReLoraParams(LoraParams):

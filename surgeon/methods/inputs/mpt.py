@@ -27,11 +27,11 @@ from pydantic import Field
 from torch import nn
 
 from surgeon.errors import ExportError, SurgeonError
-from surgeon.methods._prompt_inputs import (InputPromptMethod, PromptInputs, PromptPatch, embedding_size,
+from surgeon.methods.inputs._prompt_inputs import (InputPromptMethod, PromptInputs, PromptPatch, embedding_size,
                                             local_names, new_parameter, prefix_layout, scoped_names)
 from surgeon.methods._rng import draw
 from surgeon.methods.base import ApplyContext, MethodParams, Patch, Target, locate, register
-from surgeon.methods.prompt import PromptTuningParams, initial_prompt
+from surgeon.methods.inputs.prompt import PromptTuningParams, initial_prompt
 
 
 class MptParams(PromptTuningParams):
@@ -50,7 +50,7 @@ class _MultitaskSource:
         if task_ids is None:
             if tasks > 1:
                 raise SurgeonError(f"multitask prompt tuning ({tasks} tasks) needs task ids: model(..., task_ids=...) "
-                                   "or surgeon.methods.mpt.use_task(model, task_ids)")
+                                   "or surgeon.methods.inputs.mpt.use_task(model, task_ids)")
             task_ids = torch.zeros(batch, dtype=torch.long, device=self.prompt.device)
         if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= tasks):
             raise SurgeonError(f"task ids must lie in 0..{tasks - 1}, got {task_ids.tolist()}")

@@ -28,8 +28,8 @@ from torch import nn
 
 from surgeon.methods._rng import draw
 from surgeon.methods.base import ApplyContext, Method, MethodParams, Patch, Target, WrapPatch, locate, register
-from surgeon.methods.lora import compute_dtype_device
-from surgeon.methods.loha import (FactoredDelta, dropout_words, grouped_statements, part_spans, peft_names_only,
+from surgeon.methods.weights.lora import compute_dtype_device
+from surgeon.methods.weights.loha import (FactoredDelta, dropout_words, grouped_statements, part_spans, peft_names_only,
                                   whole_linear_or_refuse)
 
 

@@ -29,7 +29,7 @@ from torch import nn
 from surgeon.errors import ExportError
 from surgeon.methods._rng import draw
 from surgeon.methods.base import ApplyContext, Method, MethodParams, Patch, Target, WrapPatch, locate, register
-from surgeon.methods.lora import compute_dtype_device, own_dtype
+from surgeon.methods.weights.lora import compute_dtype_device, own_dtype
 
 
 class LohaParams(MethodParams):

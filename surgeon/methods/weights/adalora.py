@@ -29,7 +29,7 @@ from torch import nn
 from surgeon.errors import ExportError, SurgeonError
 from surgeon.methods._rng import draw
 from surgeon.methods.base import ApplyContext, Method, MethodParams, Patch, Target, WrapPatch, locate, register
-from surgeon.methods.lora import compute_dtype_device, own_dtype
+from surgeon.methods.weights.lora import compute_dtype_device, own_dtype
 
 _INIT_STD = 0.02  # PEFT's reset_lora_parameters: normal(0, 0.02) for A and B
 

@@ -7,7 +7,7 @@ outputs match): an embedding of P trainable inputs (P x d), then
 - `mlp`: Linear(d, H) ReLU Linear(H, H) ReLU Linear(H, d),
 - `lstm`: a bidirectional LSTM(d -> H, `layers` layers, `dropout`), then Linear(2H, 2H) ReLU Linear(2H, d).
 H defaults to d. It is registered on the target embedding as `prompt_encoder`; the input-side seam
-(surgeon/methods/_prompt_inputs.py) puts its output into the model's input.
+(surgeon/methods/inputs/_prompt_inputs.py) puts its output into the model's input.
 
 Templates (beyond PEFT, which only prepends): `template="..."` places the virtual tokens around the
 input, as the P-tuning paper's patterns do. Items, separated by spaces:
@@ -36,11 +36,11 @@ from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from surgeon.errors import ExportError
-from surgeon.methods._prompt_inputs import (InputPromptMethod, PromptInputs, PromptParams, PromptPatch,
+from surgeon.methods.inputs._prompt_inputs import (InputPromptMethod, PromptInputs, PromptParams, PromptPatch,
                                             embedding_size, layout_tokens, local_names, parse_template, prefix_layout)
 from surgeon.methods._rng import reset_parameters
 from surgeon.methods.base import ApplyContext, MethodParams, Patch, Target, locate, register
-from surgeon.methods.prompt import prompt_statement
+from surgeon.methods.inputs.prompt import prompt_statement
 
 
 class PTuningParams(PromptParams):

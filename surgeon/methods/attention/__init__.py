@@ -1,0 +1,2 @@
+"""The attention seam: methods that change what attention sees (prefix tuning: extra keys and values
+in every layer)."""
