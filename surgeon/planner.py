@@ -273,6 +273,7 @@ class _Planner:
             has_bias="bias" in info.params,
             merged=any(p.merged for p in info.params.values()),
             kv_dim=self.kv_width(info),
+            hidden_size=getattr(self.graph.config, "hidden_size", None),
         )
 
     def kv_width(self, info: ModuleInfo) -> int | None:

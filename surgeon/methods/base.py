@@ -65,6 +65,7 @@ class Target(BaseModel):
     has_bias: bool = False
     merged: bool = False  # its weight already holds a merged delta
     kv_dim: int | None = None  # an attention module's key (= value) width: its k projection's outputs
+    hidden_size: int | None = None  # the model's hidden width (what a module in the data path maps)
 
 
 @dataclass

@@ -1,0 +1,156 @@
+"""Bottleneck adapters (`inject adapter config=pfeiffer|houlsby|parallel`) against AdapterHub's own
+outputs and gradients (fixtures in tests/data/adapterhub, written by adapters 1.3.0 in its own
+venv: tests/scripts/adapterhub/make_fixtures.py), and exact revert, training, save and load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import assert_same_model, batch, clone, run, tiny_llama, train_losses
+from safetensors.torch import load_file
+from torch import nn
+
+import surgeon
+from surgeon.errors import PlanError, SpecError
+
+FIXTURES = Path(__file__).parent / "data" / "adapterhub"
+INDEX = json.loads((FIXTURES / "index.json").read_text())
+CLASSES = {"bert": transformers.BertForMaskedLM, "llama": transformers.LlamaForCausalLM,
+           "gpt2": transformers.GPT2LMHeadModel}
+CASES = [c for c in INDEX["cases"] if c["model_type"] in CLASSES and c["method"] != "mam"]
+# AdapterHub's module names -> surgeon's (the parameter names inside are the library's own)
+SITES = {"attention.output.adapters.a.": "adapter_attention.", "output.adapters.a.": "adapter_output.",
+         "attention_adapters.adapters.a.": "adapter_attention.", "output_adapters.adapters.a.": "adapter_output."}
+TOL = INDEX["tolerances"]
+
+
+def surgeon_name(name: str) -> str:
+    for theirs, ours in SITES.items():
+        if theirs in name:
+            return name.replace(theirs, ours)
+    raise KeyError(name)
+
+
+def fixture_model(model_type: str) -> nn.Module:
+    return CLASSES[model_type].from_pretrained(FIXTURES / model_type / "base", attn_implementation="eager").eval()
+
+
+def applied(case: dict) -> tuple[nn.Module, surgeon.Job]:
+    model = fixture_model(case["model_type"])
+    job = surgeon.apply(case["surgeon_statement"], model, seed=0)
+    params = job.trainable_parameters()
+    weights = load_file(str(FIXTURES / case["adapter_weights"]))
+    assert {surgeon_name(n) for n in weights} == set(params)  # the very same tensors, no more, no less
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[surgeon_name(name)].copy_(tensor)
+    return model, job
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_logits_and_gradients_equal_adapterhub(case: dict) -> None:
+    model, job = applied(case)
+    for variant in [v for v in case["variants"] if not v["skip_layers"]]:
+        inputs = load_file(str(FIXTURES / variant["inputs"]))
+        expected = load_file(str(FIXTURES / variant["file"]))
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        torch.testing.assert_close(logits, expected["logits"], **TOL["logits"])
+        if variant["has_grads"]:
+            (logits * inputs["loss_weights"]).sum().backward()
+            params = job.trainable_parameters()
+            for key, grad in expected.items():
+                if key.startswith("grad."):
+                    torch.testing.assert_close(params[surgeon_name(key.removeprefix("grad."))].grad, grad,
+                                               **TOL["grads"])
+            model.zero_grad()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_added_parameters_are_the_librarys_count(case: dict) -> None:
+    plan = surgeon.check(case["surgeon_statement"], fixture_model(case["model_type"]))
+    assert plan.added_parameters == case["adapter_params"]
+
+
+def test_counts_at_hidden_128_are_the_librarys() -> None:
+    model = fixture_model("bert")  # hidden 128, 2 layers
+    counts = INDEX["param_counts_hidden128"]["bert"]
+    for config, method, issue in (("pfeiffer", "seq_bn", 4368), ("houlsby", "double_seq_bn", 8736),
+                                  ("parallel", "par_bn", 33152)):
+        found = surgeon.check(f"inject adapter config={config}", model).added_parameters
+        assert found == counts[method]["adapter_params"] == issue
+
+
+@pytest.mark.parametrize("config", ["pfeiffer", "houlsby", "parallel"])
+def test_default_init_is_an_exact_identity_and_revert_is_exact(config: str) -> None:
+    model = tiny_llama()
+    original = clone(model)
+    ids = batch()
+    job = surgeon.apply(f"inject adapter config={config}", model, seed=0)
+    assert torch.equal(run(model, ids), run(original, ids))  # up-projection zero: step 0 is the base
+    with torch.no_grad():
+        for param in job.trainable_parameters().values():
+            param.add_(0.1)
+    assert not torch.equal(run(model, ids), run(original, ids))
+    job.revert()
+    assert_same_model(model, original)
+    assert torch.equal(run(model, ids), run(original, ids))
+
+
+def test_only_adapters_train_the_loss_falls_and_a_saved_run_loads(tmp_path: Path) -> None:
+    model = tiny_llama().train()
+    original = clone(model)
+    job = surgeon.apply("inject adapter config=houlsby reduction=8 in layers.[1]", model, seed=0)
+    assert set(job.trainable_parameters()) == {f"model.layers.1.{site}.{name}" for site in
+                                              ("adapter_attention", "adapter_output") for name in
+                                              ("adapter_down.0.weight", "adapter_down.0.bias",
+                                               "adapter_up.weight", "adapter_up.bias")}
+    losses = train_losses(model, job.trainable_parameters().values(), steps=8, lr=1e-2)
+    assert losses[-1] < losses[0]
+    job.save(tmp_path / "run")
+    fresh = clone(original)
+    surgeon.load(tmp_path / "run", fresh)
+    assert torch.equal(run(fresh.eval(), batch()), run(model.eval(), batch()))
+    job.revert()
+    assert_same_model(model, original)
+
+
+def test_an_adapter_composes_with_qlora_and_lora_and_trains() -> None:
+    model = tiny_llama().train()
+    original = clone(model)
+    spec = "quantize base nf4 double\ninject lora r=4 into *.attn.<q,v>\ninject adapter config=parallel"
+    job = surgeon.apply(spec, model, seed=0)
+    losses = train_losses(model, job.trainable_parameters().values(), steps=6, lr=1e-2)
+    assert losses[-1] < losses[0]
+    job.revert()
+    assert_same_model(model, original)
+
+
+def test_merge_is_refused_with_the_reason() -> None:
+    job = surgeon.apply("inject adapter config=pfeiffer", tiny_llama())
+    with pytest.raises(PlanError, match="not mergeable"):
+        job.merge()
+
+
+@pytest.mark.parametrize("statement, message", [
+    ("inject adapter config=pfeiffer reducton=16", "did you mean 'reduction'"),
+    ("inject adapter config=pfeifer", "pfeiffer"),
+    ("inject adapter config=pfeiffer size=0", "size"),
+    ("inject adapter config=pfeiffer in *.attn", "adapter placement is known for"),
+    ("inject adapter config=pfeiffer in layers.[7]", "matches no module"),
+])
+def test_config_mistakes_are_located_errors(statement: str, message: str) -> None:
+    model = tiny_llama()
+    original = clone(model)
+    with pytest.raises(SpecError, match=message):
+        surgeon.apply(statement, model)
+    assert_same_model(model, original)
+
+
+def test_t5_is_refused_until_its_placement_is_known() -> None:
+    config = transformers.T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=64)
+    with pytest.raises(SpecError, match="T5Block: adapter placement is known for"):
+        surgeon.check("inject adapter config=pfeiffer", transformers.T5ForConditionalGeneration(config))
