@@ -39,9 +39,10 @@ def fixture_model(model_type: str) -> nn.Module:
     return CLASSES[model_type].from_pretrained(FIXTURES / model_type / "base", attn_implementation="eager").eval()
 
 
-def applied(case: dict) -> tuple[nn.Module, surgeon.Job]:
+def applied(case: dict, skip: list[int] | None = None) -> tuple[nn.Module, surgeon.Job]:
     model = fixture_model(case["model_type"])
-    job = surgeon.apply(case["surgeon_statement"], model, seed=0)
+    spec = case["surgeon_statement"] + (f"\ndrop adapters in layers.[{','.join(map(str, skip))}]" if skip else "")
+    job = surgeon.apply(spec, model, seed=0)
     params = job.trainable_parameters()
     weights = load_file(str(FIXTURES / case["adapter_weights"]))
     assert {surgeon_name(n) for n in weights} == set(params)  # the very same tensors, no more, no less
@@ -67,6 +68,49 @@ def test_logits_and_gradients_equal_adapterhub(case: dict) -> None:
                     torch.testing.assert_close(params[surgeon_name(key.removeprefix("grad."))].grad, grad,
                                                **TOL["grads"])
             model.zero_grad()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_adapterdrop_equals_adapterhubs_skip_layers(case: dict) -> None:
+    for variant in [v for v in case["variants"] if v["skip_layers"]]:
+        model, job = applied(case, variant["skip_layers"])
+        inputs = load_file(str(FIXTURES / variant["inputs"]))
+        expected = load_file(str(FIXTURES / variant["file"]))
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        torch.testing.assert_close(logits, expected["logits"], **TOL["logits"])
+        if variant["has_grads"]:
+            (logits * inputs["loss_weights"]).sum().backward()
+            params = job.trainable_parameters()
+            for name in variant["params_without_grad"]:
+                assert params[surgeon_name(name)].grad is None, name  # a dropped adapter is not in the graph
+            for key, grad in expected.items():
+                if key.startswith("grad."):
+                    torch.testing.assert_close(params[surgeon_name(key.removeprefix("grad."))].grad, grad,
+                                               **TOL["grads"])
+
+
+def test_adapterdrop_with_a_rate_drops_only_in_training_and_reverts() -> None:
+    model = tiny_llama()
+    original = clone(model)
+    ids = batch()
+    job = surgeon.apply("inject adapter config=pfeiffer\ndrop adapters rate=1.0 in layers.[0,1]", model, seed=0)
+    with torch.no_grad():
+        for param in job.trainable_parameters().values():
+            param.add_(0.1)
+    model.train()
+    assert torch.equal(run(model, ids), run(original.train(), ids))  # rate 1: always dropped in training
+    model.eval()
+    assert not torch.equal(run(model, ids), run(original.eval(), ids))  # never in eval
+    job.revert()
+    assert_same_model(model, original)
+
+
+def test_dropping_layers_without_adapters_is_refused_and_changes_nothing() -> None:
+    model = tiny_llama()
+    original = clone(model)
+    with pytest.raises(surgeon.SurgeonError, match="holds no adapter to drop"):
+        surgeon.apply("inject adapter config=pfeiffer in layers.[1]\ndrop adapters in layers.[0]", model)
+    assert_same_model(model, original)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])

@@ -101,6 +101,7 @@ class Bottleneck(nn.Module):
         self.adapter_down = nn.Sequential(nn.Linear(hidden, size), _ACTIVATIONS[act]())
         self.adapter_up = nn.Linear(size, hidden)
         self.scale = scale
+        self.dropped = False  # AdapterDrop (surgeon/methods/data_path/drop.py) sets it per forward
         self.to(dtype=like.dtype, device=like.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,22 +166,28 @@ def _wire(patch: AdapterPatch, placement: Placement, params: AdapterParams) -> N
         return pre
 
     def add_own(adapter: Bottleneck) -> Any:  # h -> A(h) + h
-        return lambda module, args, out: _replace_first(out, adapter(_first(out)) + _first(out))
+        return lambda module, args, out: None if adapter.dropped else _replace_first(out, adapter(_first(out)) + _first(out))
+
+    def beside(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        r = kept.pop("r")
+        return None if output.dropped else out + output(r)
 
     if params.config == "houlsby":
         patch.hook(placement.attn_out, "post", add_own(getattr(layer, "adapter_attention")))
         patch.hook(placement.ffn_out, "post", add_own(output))
     elif params.config == "parallel":
         patch.hook(placement.ffn_in, "pre", keep("r", placement.ffn_in_arg))
-        patch.hook(placement.ffn_out, "post", lambda m, a, out: _first(out) + output(kept.pop("r")))
+        patch.hook(placement.ffn_out, "post", beside)
     elif placement.ffn_norm is None:  # pfeiffer, pre-norm: on the block's output z = r + h
-        patch.hook("", "post", lambda m, a, out: _replace_first(out, output(_first(out)) + _first(out)))
+        patch.hook("", "post", add_own(output))
     else:  # pfeiffer, post-norm: z = LN(h + r), then LN(A(z) + h + r) with the same norm
         patch.hook(placement.ffn_in, "pre", keep("r", placement.ffn_in_arg))
         patch.hook(placement.ffn_out, "post", lambda m, a, out: kept.__setitem__("h", out))
 
-        def again(norm: nn.Module, args: tuple, z: torch.Tensor) -> torch.Tensor:
+        def again(norm: nn.Module, args: tuple, z: torch.Tensor) -> torch.Tensor | None:
             h, r = kept.pop("h"), kept.pop("r")
+            if output.dropped:
+                return None
             return F.layer_norm(output(z) + h + r, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
         patch.hook(placement.ffn_norm, "post", again)
