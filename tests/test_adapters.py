@@ -5,6 +5,7 @@ venv: tests/scripts/adapterhub/make_fixtures.py), and exact revert, training, sa
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from surgeon.errors import PlanError, SpecError
 FIXTURES = Path(__file__).parent / "data" / "adapterhub"
 INDEX = json.loads((FIXTURES / "index.json").read_text())
 CLASSES = {"bert": transformers.BertForMaskedLM, "llama": transformers.LlamaForCausalLM,
-           "gpt2": transformers.GPT2LMHeadModel}
+           "gpt2": transformers.GPT2LMHeadModel, "t5": transformers.T5ForConditionalGeneration}
 CASES = [c for c in INDEX["cases"] if c["model_type"] in CLASSES and c["method"] != "mam"]
 # AdapterHub's module names -> surgeon's (the parameter names inside are the library's own)
 SITES = {"attention.output.adapters.a.": "adapter_attention.", "output.adapters.a.": "adapter_output.",
@@ -29,6 +30,11 @@ TOL = INDEX["tolerances"]
 
 
 def surgeon_name(name: str) -> str:
+    # T5: the self-attention sub-layer (layer.0) and the feed-forward one (encoder layer.1, decoder layer.2)
+    t5 = re.match(r"(encoder|decoder)(\.block\.\d+)\.layer\.(\d)\.adapters\.a\.(.*)", name)
+    if t5:
+        stack, block, index, rest = t5.groups()
+        return f"{stack}{block}.{'adapter_attention' if index == '0' else 'adapter_output'}.{rest}"
     for theirs, ours in SITES.items():
         if theirs in name:
             return name.replace(theirs, ours)
@@ -39,9 +45,23 @@ def fixture_model(model_type: str) -> nn.Module:
     return CLASSES[model_type].from_pretrained(FIXTURES / model_type / "base", attn_implementation="eager").eval()
 
 
+def forward(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    extra = {"decoder_input_ids": inputs["decoder_input_ids"]} if "decoder_input_ids" in inputs else {}
+    return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **extra).logits
+
+
+def layers_named(model: nn.Module, skip: list[int]) -> str:
+    """AdapterHub's skip_layers as a pattern; it numbers T5's decoder blocks after the encoder's."""
+    encoder_layers = getattr(model.config, "num_layers", None) if model.config.is_encoder_decoder else None
+    if encoder_layers is None:
+        return f"layers.[{','.join(map(str, skip))}]"
+    named = [f"encoder.layers.{i}" if i < encoder_layers else f"decoder.layers.{i - encoder_layers}" for i in skip]
+    return f"<{','.join(named)}>"
+
+
 def applied(case: dict, skip: list[int] | None = None) -> tuple[nn.Module, surgeon.Job]:
     model = fixture_model(case["model_type"])
-    spec = case["surgeon_statement"] + (f"\ndrop adapters in layers.[{','.join(map(str, skip))}]" if skip else "")
+    spec = case["surgeon_statement"] + (f"\ndrop adapters in {layers_named(model, skip)}" if skip else "")
     job = surgeon.apply(spec, model, seed=0)
     params = job.trainable_parameters()
     weights = load_file(str(FIXTURES / case["adapter_weights"]))
@@ -58,7 +78,7 @@ def test_logits_and_gradients_equal_adapterhub(case: dict) -> None:
     for variant in [v for v in case["variants"] if not v["skip_layers"]]:
         inputs = load_file(str(FIXTURES / variant["inputs"]))
         expected = load_file(str(FIXTURES / variant["file"]))
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        logits = forward(model, inputs)
         torch.testing.assert_close(logits, expected["logits"], **TOL["logits"])
         if variant["has_grads"]:
             (logits * inputs["loss_weights"]).sum().backward()
@@ -76,7 +96,7 @@ def test_adapterdrop_equals_adapterhubs_skip_layers(case: dict) -> None:
         model, job = applied(case, variant["skip_layers"])
         inputs = load_file(str(FIXTURES / variant["inputs"]))
         expected = load_file(str(FIXTURES / variant["file"]))
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        logits = forward(model, inputs)
         torch.testing.assert_close(logits, expected["logits"], **TOL["logits"])
         if variant["has_grads"]:
             (logits * inputs["loss_weights"]).sum().backward()
@@ -194,7 +214,8 @@ def test_config_mistakes_are_located_errors(statement: str, message: str) -> Non
     assert_same_model(model, original)
 
 
-def test_t5_is_refused_until_its_placement_is_known() -> None:
-    config = transformers.T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=64)
-    with pytest.raises(SpecError, match="T5Block: adapter placement is known for"):
-        surgeon.check("inject adapter config=pfeiffer", transformers.T5ForConditionalGeneration(config))
+def test_a_layer_of_unknown_placement_is_refused_with_the_reason() -> None:
+    config = transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, vocab_size=64)
+    with pytest.raises(SpecError, match="GPTNeoXLayer: adapter placement is known for"):
+        surgeon.check("inject adapter config=pfeiffer", transformers.GPTNeoXForCausalLM(config))

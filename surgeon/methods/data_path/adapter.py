@@ -8,7 +8,7 @@ al. 2022's parallel form), as AdapterHub `adapters` 1.3 computes them (../shared
 A(x) = up(act(down(x))), bottleneck m = size, or hidden // reduction (at least 1). Where it acts,
 with h a sub-layer's output and r that sub-block's input (the residual stream):
 
-| config | post-norm (BERT: y = LN(h + r)) | pre-norm (Llama, GPT-2: y = r + h) |
+| config | post-norm (BERT: y = LN(h + r)) | pre-norm (Llama, GPT-2, T5: y = r + h) |
 |---|---|---|
 | pfeiffer | z = LN(h + r); y = LN(A(z) + h + r) | z = r + h; y = A(z) + z |
 | houlsby | at attention and FFN: y = LN(A(h) + h + r) | y = r + (A(h) + h) |
@@ -25,7 +25,7 @@ AdapterHub's default for pfeiffer and houlsby (N(0, 0.02) on both), `houlsby` a 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 import torch
@@ -65,6 +65,13 @@ class Placement:
     ffn_in: str  # the module whose input `ffn_in_arg` is r, the FFN sub-block's input
     ffn_in_arg: int
     ffn_norm: str | None  # post-norm: the norm over h + r after the FFN; None: a pre-norm layer
+    ffn_block: str = ""  # pre-norm: the module whose output is r + h after the FFN ("": the layer)
+
+    def at(self, layer: nn.Module) -> Placement:
+        """The paths in this layer: `{ff}` is the index of T5's feed-forward sub-layer (the last)."""
+        ff = str(len(layer.layer) - 1) if "layer" in layer._modules else ""
+        return replace(self, **{f.name: getattr(self, f.name).format(ff=ff) for f in fields(self)
+                                if isinstance(getattr(self, f.name), str)})
 
 
 # by layer class: the architectures whose placement is known (and checked against AdapterHub)
@@ -75,6 +82,8 @@ _PLACEMENTS = {
     "Qwen2DecoderLayer": Placement("self_attn", "mlp", "post_attention_layernorm", 0, None),
     "MistralDecoderLayer": Placement("self_attn", "mlp", "post_attention_layernorm", 0, None),
     "GPT2Block": Placement("attn", "mlp", "ln_2", 0, None),
+    # T5: layer.0 self-attention, (decoder: layer.1 cross-attention, not adapted), the last one the FFN
+    "T5Block": Placement("layer.0.dropout", "layer.{ff}.dropout", "layer.{ff}", 0, None, "layer.{ff}"),
 }
 
 
@@ -179,7 +188,7 @@ def _wire(patch: AdapterPatch, placement: Placement, params: AdapterParams) -> N
         patch.hook(placement.ffn_in, "pre", keep("r", placement.ffn_in_arg))
         patch.hook(placement.ffn_out, "post", beside)
     elif placement.ffn_norm is None:  # pfeiffer, pre-norm: on the block's output z = r + h
-        patch.hook("", "post", add_own(output))
+        patch.hook(placement.ffn_block, "post", add_own(output))
     else:  # pfeiffer, post-norm: z = LN(h + r), then LN(A(z) + h + r) with the same norm
         patch.hook(placement.ffn_in, "pre", keep("r", placement.ffn_in_arg))
         patch.hook(placement.ffn_out, "post", lambda m, a, out: kept.__setitem__("h", out))
@@ -244,5 +253,5 @@ class Adapter(Method):
             for module in modules.values():
                 module.initialise(params.init, ctx.generator)
         patch = AdapterPatch(layer, modules)
-        _wire(patch, _PLACEMENTS[target.type_name], params)
+        _wire(patch, _PLACEMENTS[target.type_name].at(layer), params)
         return patch
