@@ -182,10 +182,14 @@ def test_only_adapters_train_the_loss_falls_and_a_saved_run_loads(tmp_path: Path
     assert_same_model(model, original)
 
 
-def test_an_adapter_composes_with_qlora_and_lora_and_trains() -> None:
+@pytest.mark.parametrize("spec", [
+    "quantize base nf4 double\ninject lora r=4 into *.attn.<q,v>\ninject adapter config=parallel init=bert",
+    "inject prefix tokens=4 projection=16 into *.attn\ninject adapter config=parallel init=bert",  # MAM's two seams
+    "train bias add=true\ninject adapter config=houlsby init=bert",
+], ids=["qlora+lora", "prefix", "bitfit"])
+def test_an_adapter_composes_with_other_methods_and_trains(spec: str) -> None:
     model = tiny_llama().train()
     original = clone(model)
-    spec = "quantize base nf4 double\ninject lora r=4 into *.attn.<q,v>\ninject adapter config=parallel"
     job = surgeon.apply(spec, model, seed=0)
     losses = train_losses(model, job.trainable_parameters().values(), steps=6, lr=1e-2)
     assert losses[-1] < losses[0]
@@ -219,3 +223,22 @@ def test_a_layer_of_unknown_placement_is_refused_with_the_reason() -> None:
                                         num_attention_heads=2, vocab_size=64)
     with pytest.raises(SpecError, match="GPTNeoXLayer: adapter placement is known for"):
         surgeon.check("inject adapter config=pfeiffer", transformers.GPTNeoXForCausalLM(config))
+
+
+@pytest.mark.parametrize("config", ["pfeiffer", "houlsby", "parallel"])
+@pytest.mark.parametrize("model_type", ["llama", "bert"])
+def test_gradient_checkpointing_gives_the_same_gradients(config: str, model_type: str) -> None:
+    """AdapterHub breaks gradient checkpointing (adapter-hub/adapters#732); the hooks here re-run
+    with the recomputed forward and give the same gradients."""
+    grads = []
+    for checkpointing in (False, True):
+        model = fixture_model(model_type).train()
+        job = surgeon.apply(f"inject adapter config={config} init=bert", model, seed=0)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        inputs = load_file(str(FIXTURES / model_type / "inputs_pad.safetensors"))
+        (forward(model, inputs) * inputs["loss_weights"]).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in job.trainable_parameters().items()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-6)
