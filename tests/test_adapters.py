@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import assert_same_model, batch, clone, run, tiny_llama, train_losses
+from conftest import assert_same_model, batch, clone, run, tiny_llama, tiny_mistral, tiny_qwen2, train_losses
 from safetensors.torch import load_file
 from torch import nn
 
@@ -242,3 +242,31 @@ def test_gradient_checkpointing_gives_the_same_gradients(config: str, model_type
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-6)
+
+
+def _roberta() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.RobertaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=128, vocab_size=128, max_position_embeddings=72)
+    return transformers.RobertaForMaskedLM(config).eval()
+
+
+@pytest.mark.parametrize("config", ["pfeiffer", "houlsby", "parallel"])
+@pytest.mark.parametrize("build", [tiny_qwen2, tiny_mistral, _roberta], ids=["qwen2", "mistral", "roberta"])
+def test_the_other_architectures_take_every_config_and_revert_exactly(build, config: str) -> None:
+    """No AdapterHub fixture for these: the placement is their family's (Llama's, BERT's); this checks
+    that every adapter is reached (each one's up-projection changes the output) and revert is exact."""
+    model = build()
+    original = clone(model)
+    ids = batch()
+    job = surgeon.apply(f"inject adapter config={config}", model, seed=0)
+    assert torch.equal(run(model, ids), run(original, ids))
+    for name, param in job.trainable_parameters().items():
+        if name.endswith("adapter_up.bias"):
+            with torch.no_grad():
+                param.fill_(0.05)
+            assert not torch.equal(run(model, ids), run(original, ids)), name
+            with torch.no_grad():
+                param.zero_()
+    job.revert()
+    assert_same_model(model, original)
