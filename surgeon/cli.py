@@ -24,7 +24,8 @@ from surgeon.errors import SurgeonError, did_you_mean
 from surgeon.files import same_or_nested, write_dir
 from surgeon.graph import ModuleGraph, build_module_graph
 from surgeon.job import apply_checkpoint
-from surgeon.job import Job, import_peft, load
+from surgeon.adapterhub_format import is_adapterhub_dir
+from surgeon.job import Job, import_adapterhub, import_peft, load
 from surgeon.language import parse_spec, read_spec_text
 from surgeon.manifest import Manifest, read_manifest
 from surgeon.methods.base import registry
@@ -323,18 +324,22 @@ def export(
 @app.command("import")
 @user_errors
 def import_command(
-    peft_dir: Annotated[Path, typer.Argument(help="a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")],
+    peft_dir: Annotated[Path, typer.Argument(help="a PEFT adapter directory (adapter_config.json + "
+                                             "adapter_model.safetensors) or an AdapterHub one (+ adapter.safetensors)")],
     model: Annotated[str, typer.Option("--model", help="the base model: HF directory or package.module:factory")],
     out_dir: Annotated[Path, typer.Option("--out", help="run directory to write")],
     checkpoint: CheckpointOpt = None,
     force: Annotated[bool, typer.Option(help="replace a non-empty --out")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Turn a PEFT adapter into a surgeon run: a .peft spec that says the same thing, the weights
-    and a manifest, which `surgeon.load(RUN, model)` applies."""
+    """Turn a PEFT or AdapterHub adapter (told apart by its config) into a surgeon run: a .peft
+    spec that says the same thing, the weights and a manifest, which `surgeon.load(RUN, model)` applies."""
     _fresh_out(out_dir, force, peft_dir, model, checkpoint)
     with _status("importing", as_json):
-        job = import_peft(peft_dir, model, checkpoint=checkpoint)
+        if is_adapterhub_dir(peft_dir):
+            job = import_adapterhub(peft_dir, model, checkpoint=checkpoint)
+        else:
+            job = import_peft(peft_dir, model, checkpoint=checkpoint)
         write_dir(out_dir, job.save)
     if as_json:
         print(json.dumps({"ok": True, "run": str(out_dir), "spec": job.manifest.spec_text}))

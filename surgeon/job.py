@@ -21,6 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from surgeon import checkpoints
+from surgeon.adapterhub_format import read_adapterhub_dir, statement_from_adapterhub
+from surgeon.adapterhub_format import surgeon_name as adapterhub_name
 from surgeon.errors import ManifestError, PlanError, RevertError, SurgeonError
 from surgeon.files import write_dir
 from surgeon.graph import build_module_graph
@@ -486,7 +488,7 @@ def _fill_live(job: Job, tensors: dict[str, torch.Tensor]) -> None:
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
         listed = [f"{label} {names[:3]}" for label, names in (("missing", missing), ("unexpected", unexpected)) if names]
-        raise ManifestError(f"the state dict does not hold exactly the run's tensors: {'; '.join(listed)}")
+        raise ManifestError(f"the tensors given are not exactly the run's: {'; '.join(listed)}")
     params = dict(job.model.named_parameters(remove_duplicate=False))
     _copy_checked({name: params[name] for name in expected}, tensors)
 
@@ -534,6 +536,27 @@ def import_peft(peft_dir: str | Path, model_ref: str, run_dir: str | Path | None
     job = apply(parse_spec(text, str(peft_dir / "adapter_config.json")), model, source=source)
     try:
         fill_from_peft(job._live().patches, by_module)
+    except Exception:
+        job.revert()
+        raise
+    if run_dir is not None:
+        job.save(run_dir)
+    return job
+
+
+def import_adapterhub(folder: str | Path, model_ref: str, run_dir: str | Path | None = None,
+                      checkpoint: str | None = None) -> Job:
+    """An AdapterHub saved adapter directory as a surgeon job on MODEL: the `inject adapter`
+    statement that computes the same thing, applied, with the adapter's weights."""
+    folder = Path(folder)
+    saved, tensors = read_adapterhub_dir(folder)
+    statement = statement_from_adapterhub(saved)
+    named = {adapterhub_name(name, saved["name"]): tensor for name, tensor in tensors.items()}
+    model, source = load_model(model_ref, checkpoint=checkpoint)
+    text = f"# imported from the AdapterHub adapter '{saved['name']}' in {folder.resolve()}\n{statement}\n"
+    job = apply(parse_spec(text, str(folder / "adapter_config.json")), model, source=source)
+    try:
+        _fill_live(job, named)
     except Exception:
         job.revert()
         raise

@@ -270,3 +270,47 @@ def test_the_other_architectures_take_every_config_and_revert_exactly(build, con
                 param.zero_()
     job.revert()
     assert_same_model(model, original)
+
+
+SAVED = [c for c in CASES if c.get("saved_adapter_dir")]
+
+
+@pytest.mark.parametrize("case", SAVED, ids=[c["name"] for c in SAVED])
+def test_an_adapterhub_saved_adapter_imports_to_the_librarys_outputs(case: dict, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from surgeon.cli import app
+
+    base = FIXTURES / case["model_type"] / "base"
+    result = CliRunner().invoke(app, ["import", str(FIXTURES / case["saved_adapter_dir"]), "--model", str(base),
+                                      "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "inject adapter config=" in (tmp_path / "run" / "spec.peft").read_text()
+    model = fixture_model(case["model_type"])
+    surgeon.load(tmp_path / "run", model)
+    variant = next(v for v in case["variants"] if v["name"] == "nopad")
+    logits = forward(model, load_file(str(FIXTURES / variant["inputs"])))
+    torch.testing.assert_close(logits, load_file(str(FIXTURES / variant["file"]))["logits"], **TOL["logits"])
+
+
+def test_an_adapterhub_pickle_or_an_option_surgeon_lacks_is_refused(tmp_path: Path) -> None:
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from surgeon.cli import app
+
+    case = next(c for c in SAVED if c["name"] == "llama/seq_bn")
+    base = str(FIXTURES / "llama" / "base")
+    pickled = tmp_path / "pickled"
+    shutil.copytree(FIXTURES / case["saved_adapter_dir"], pickled)
+    (pickled / "adapter.safetensors").rename(pickled / "pytorch_adapter.bin")
+    gated = tmp_path / "gated"
+    shutil.copytree(FIXTURES / case["saved_adapter_dir"], gated)
+    config = json.loads((gated / "adapter_config.json").read_text())
+    config["config"]["use_gating"] = True
+    (gated / "adapter_config.json").write_text(json.dumps(config))
+    for folder, message in ((pickled, "is a pickle"), (gated, "use_gating=True")):
+        result = CliRunner().invoke(app, ["import", str(folder), "--model", base, "--out", str(tmp_path / "run")])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not (tmp_path / "run").exists()
