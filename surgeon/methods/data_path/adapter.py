@@ -164,7 +164,6 @@ class AdapterPatch(Patch):
             self.layer._modules.pop(name, None)
 
 
-
 def _wire(patch: AdapterPatch, placement: Placement, params: AdapterParams) -> None:
     layer, kept = patch.layer, patch.captured
     output = getattr(layer, "adapter_output")
@@ -175,7 +174,9 @@ def _wire(patch: AdapterPatch, placement: Placement, params: AdapterParams) -> N
         return pre
 
     def add_own(adapter: Bottleneck) -> Any:  # h -> A(h) + h
-        return lambda module, args, out: None if adapter.dropped else _replace_first(out, adapter(_first(out)) + _first(out))
+        def post(module: nn.Module, args: tuple, out: Any) -> Any:
+            return None if adapter.dropped else _replace_first(out, adapter(_first(out)) + _first(out))
+        return post
 
     def beside(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
         r = kept.pop("r")
