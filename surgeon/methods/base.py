@@ -253,6 +253,22 @@ class Method(ABC):
         raise ExportError(f"{cls.verb} {cls.name} has no PEFT equivalent")
 
 
+@dataclass
+class DropSwitch:
+    """AdapterDrop's handle on one adapter-family module (a bottleneck adapter, a layer's prefix):
+    while `dropped`, the module adds nothing and the layer computes what the base computes."""
+
+    dropped: bool = False
+
+
+DROP_SWITCH = "_surgeon_drop_switch"  # the module attribute (in __dict__) holding its DropSwitch
+
+
+def drop_switches(module: nn.Module) -> list[DropSwitch]:
+    """The switches of every adapter-family module in `module`'s subtree (`drop adapters` turns them)."""
+    return [m.__dict__[DROP_SWITCH] for m in module.modules() if DROP_SWITCH in m.__dict__]
+
+
 def locate(model: nn.Module, path: str) -> tuple[nn.Module, str, nn.Module]:
     """(parent, attribute name, module) of the module at `path`."""
     parent_path, _, attr = path.rpartition(".")

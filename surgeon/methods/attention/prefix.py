@@ -15,6 +15,12 @@ the model gets `_attn_implementation` set to it and restored exactly on revert. 
 cache. Because the prefix is never in the cache, `generate` works with any cache, and gradient
 checkpointing works (PEFT refuses it).
 
+AdapterHub's prefix (MAM, specs/mam.peft) is the same MLP with two differences, each a parameter:
+its embedding is as wide as the hidden size (`width=hidden`; PEFT's is the key/value width, which
+differs under grouped-query attention), and the real tokens keep positions 0.. (`positions=adapterhub`:
+no shift; T5's relative bias is computed over [prefix; tokens], as the library computes it).
+AdapterDrop (`drop adapters`) switches a layer's prefix off through its `DropSwitch`.
+
 Layout (PEFT's): a layer's block holds K in columns [0, kv_dim) and V in [kv_dim, 2*kv_dim), each
 viewed (P, n_kv_heads, head_dim). PEFT's prompt_embeddings (P, L*2*kv_dim) is the layer blocks side
 by side, in layer order.
@@ -27,7 +33,7 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +42,7 @@ from torch import nn
 
 from surgeon.errors import ExportError, PlanError, SurgeonError
 from surgeon.methods._rng import draw
-from surgeon.methods.base import ApplyContext, Method, MethodParams, Patch, Target, register
+from surgeon.methods.base import DROP_SWITCH, ApplyContext, DropSwitch, Method, MethodParams, Patch, Target, register
 
 _NAME = "surgeon_prefix_"
 _INNERS = ("sdpa", "eager")
@@ -46,6 +52,12 @@ class PrefixParams(MethodParams):
     tokens: int = Field(..., ge=1, le=4096, description="number of virtual tokens P per layer")
     projection: int | None = Field(None, ge=1, description="hidden size of PEFT's MLP reparameterisation "
                                    "(prefix tuning); omitted: plain per-layer prefixes (P-tuning v2)")
+    width: Literal["kv", "hidden"] = Field(
+        "kv", description="the projection's embedding width: kv (PEFT: the key/value width) or hidden "
+        "(AdapterHub: the model's hidden size); they differ only under grouped-query attention")
+    positions: Literal["peft", "adapterhub"] = Field(
+        "peft", description="peft: the real tokens' positions start after the prefix, as where PEFT keeps it "
+        "in the cache; adapterhub: they start at 0, and T5's relative bias spans [prefix; tokens] (AdapterHub 1.3)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,13 +110,14 @@ def _stack_key(path: str) -> str:
     return _INDEX.sub(".*", path, count=1)
 
 
-def _shapes(kv_dim: int, leader: bool, params: PrefixParams) -> dict[str, tuple[int, ...]]:
+def _shapes(kv_dim: int, hidden: int, leader: bool, params: PrefixParams) -> dict[str, tuple[int, ...]]:
     p, h = params.tokens, params.projection
     if h is None:
         return {"prefix": (p, 2 * kv_dim)}
     shapes: dict[str, tuple[int, ...]] = {}
     if leader:  # the embedding and the first Linear are shared by the stack; layer 0 holds them
-        shapes.update({"prefix_embedding": (p, kv_dim), "prefix_in_weight": (h, kv_dim), "prefix_in_bias": (h,)})
+        width = hidden if params.width == "hidden" else kv_dim
+        shapes.update({"prefix_embedding": (p, width), "prefix_in_weight": (h, width), "prefix_in_bias": (h,)})
     shapes.update({"prefix_out_weight": (2 * kv_dim, h), "prefix_out_bias": (2 * kv_dim,)})
     return shapes
 
@@ -149,6 +162,9 @@ class _Layer:
     tokens: int
     names: list[str]
     group: _Group | None = None
+    switch: DropSwitch = field(default_factory=DropSwitch)
+    # positions=adapterhub on T5: the stack's attention that holds the relative position table
+    bias_source: nn.Module | None = None
 
     def block(self) -> torch.Tensor:
         """(P, 2*kv_dim): this layer's K and V columns."""
@@ -186,8 +202,8 @@ _POSITION_EMBEDDINGS = {"wpe", "position_embeddings", "embed_positions"}
 class _ModelState:
     """What the prefix takes over model-wide: the attention function and the position shift."""
 
-    def __init__(self, model: nn.Module, tokens: int) -> None:
-        self.tokens, self.count = tokens, 0
+    def __init__(self, model: nn.Module, tokens: int, positions: str) -> None:
+        self.tokens, self.positions, self.count = tokens, positions, 0
         self.groups: dict[tuple[str, str], _Group] = {}  # (stack, params) -> the MLP group being built
         self.saved: list[tuple[Any, Any]] = []
         for config in _configs(model):
@@ -197,7 +213,7 @@ class _ModelState:
                                    "load the model with attn_implementation='sdpa'")
             self.saved.append((config, config.__dict__["_attn_implementation_internal"]))
         self.handles = []
-        for path, module in model.named_modules():
+        for path, module in model.named_modules() if positions == "peft" else ():
             if type(module).__name__.endswith("RotaryEmbedding"):
                 self.handles.append(module.register_forward_pre_hook(self._shift_rotary, with_kwargs=True))
             elif isinstance(module, nn.Embedding) and path.rpartition(".")[2] in _POSITION_EMBEDDINGS:
@@ -259,7 +275,7 @@ def _attention(inner_name: str) -> Callable[..., Any]:
                attention_mask: torch.Tensor | None, *args: Any, **kwargs: Any) -> Any:
         inner = _eager_of(module) if inner_name == "eager" else ALL_ATTENTION_FUNCTIONS[inner_name]
         layer = module.__dict__.get(_LAYER_ATTR)
-        if layer is None:  # a layer the statement does not target
+        if layer is None or layer.switch.dropped:  # a layer the statement does not target, or AdapterDrop
             return inner(module, query, key, value, attention_mask, *args, **kwargs)
         pk, pv = layer.key_value(key)
         kv_len = key.shape[2]
@@ -270,11 +286,22 @@ def _attention(inner_name: str) -> Callable[..., Any]:
             attention_mask = _causal(query, kv_len, inner_name == "eager", query.dtype)
         if attention_mask is not None:
             attention_mask = _pad(attention_mask, layer.tokens)
-        if kwargs.get("position_bias") is not None:  # T5: the prefix has no relative position
-            kwargs["position_bias"] = _pad(kwargs["position_bias"], layer.tokens)
+        if kwargs.get("position_bias") is not None:
+            kwargs["position_bias"] = _t5_bias(layer, kwargs["position_bias"], query.shape[2], kv_len)
         return inner(module, query, key, value, attention_mask, *args, **kwargs)
 
     return attend
+
+
+def _t5_bias(layer: _Layer, bias: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
+    """T5's relative position bias over [prefix; tokens]. peft: the prefix has no relative position
+    (bias 0). adapterhub: the library computes the table for key length kv + P, so the prefix keys
+    sit at positions 0..P-1 and the real keys after them, the queries where they were."""
+    source = layer.bias_source
+    if source is None:  # positions=peft, or an attention without its own table (cross-attention: zeros)
+        return _pad(bias, layer.tokens)
+    return source.compute_bias(q_len, kv_len + layer.tokens, device=bias.device,
+                               past_seen_tokens=kv_len - q_len).to(bias.dtype)
 
 
 def _register_functions() -> None:
@@ -331,6 +358,7 @@ class PrefixPatch(Patch):
             del self.layer.module._parameters[name]
         self.layer.names = []
         self.inner.__dict__.pop(_LAYER_ATTR, None)
+        self.inner.__dict__.pop(DROP_SWITCH, None)
         group = self.layer.group
         if group is not None and self.layer in group.members:
             group.members.remove(self.layer)
@@ -338,6 +366,23 @@ class PrefixPatch(Patch):
         if self.state.count == 0:
             self.state.release()
             self.model.__dict__.pop(_STATE_ATTR, None)
+
+
+def _hidden_size(model: nn.Module, target: Target) -> int:
+    config = getattr(model, "config", None)
+    hidden = target.hidden_size or getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+    if not hidden:
+        raise PlanError(f"{target.path}: the model's config gives no hidden_size for width=hidden")
+    return int(hidden)
+
+
+def _bias_source(model: nn.Module, target: Target, params: PrefixParams) -> nn.Module | None:
+    """positions=adapterhub on T5: the attention of the stack's first layer, which holds the
+    relative position table every layer of the stack uses."""
+    if params.positions != "adapterhub":
+        return None
+    first = _inner_attention(model.get_submodule(_stack_key(target.path).replace(".*", ".0", 1)))
+    return first if getattr(first, "has_relative_attention_bias", False) else None
 
 
 def _new(shape: tuple[int, ...], like: nn.Parameter) -> nn.Parameter:
@@ -374,8 +419,13 @@ class Prefix(Method):
 
     @classmethod
     def check(cls, target: Target, params: MethodParams) -> str | None:
+        assert isinstance(params, PrefixParams)
         if target.role not in ("attn", "cross_attn"):
             return f"{target.path} is not an attention module; prefix tuning targets attention (*.attn)"
+        if params.width == "hidden" and params.projection is None:
+            return "width=hidden sets the width of the projection's embedding: add projection=N, or drop width"
+        if params.width == "hidden" and not target.hidden_size:
+            return f"{target.path}: the model's config gives no hidden_size for width=hidden"
         return None
 
     @classmethod
@@ -384,7 +434,7 @@ class Prefix(Method):
         kv_dim = _target_kv_dim(target)
         if kv_dim is None:
             return {}  # the planner did not record kv_dim (needs the shared change in the report)
-        return _shapes(kv_dim, _layer_index(target.path) == 0, params)
+        return _shapes(kv_dim, target.hidden_size or kv_dim, _layer_index(target.path) == 0, params)
 
     @classmethod
     def apply(cls, model: nn.Module, target: Target, params: MethodParams, ctx: ApplyContext) -> Patch:
@@ -398,11 +448,14 @@ class Prefix(Method):
         state = model.__dict__.get(_STATE_ATTR)
         if state is None:
             _register_functions()
-            state = _ModelState(model, params.tokens)
+            state = _ModelState(model, params.tokens, params.positions)
             model.__dict__[_STATE_ATTR] = state
         elif state.tokens != params.tokens and state.handles:
             raise PlanError(f"two prefix lengths ({state.tokens}, {params.tokens}) on one model with position "
                             "embeddings: the positions can shift by only one of them")
+        elif state.positions != params.positions:
+            raise PlanError(f"two prefix position schemes (positions={state.positions}, {params.positions}) on one "
+                            "model: write the same positions= in every prefix statement")
         group = None
         if params.projection is not None:
             key = (_stack_key(target.path), params.model_dump_json())
@@ -417,7 +470,7 @@ class Prefix(Method):
                                 "the statement must include layer 0 of the stack (or drop projection)")
         state.count += 1
         like = next(p for p in inner.parameters())
-        shapes = _shapes(n_kv * head_dim, leader, params)
+        shapes = _shapes(n_kv * head_dim, _hidden_size(model, target), leader, params)
         for name, shape in shapes.items():
             if hasattr(module, name):
                 raise PlanError(f"{target.path} already has an attribute '{name}'")
@@ -425,10 +478,11 @@ class Prefix(Method):
         if ctx.init:
             _init(module, list(shapes), params, ctx.generator)
         layer = _Layer(module=module, n_kv=n_kv, head_dim=head_dim, tokens=params.tokens, names=list(shapes),
-                       group=group)
+                       group=group, bias_source=_bias_source(model, target, params))
         if group is not None:
             group.members.append(layer)
         inner.__dict__[_LAYER_ATTR] = layer
+        inner.__dict__[DROP_SWITCH] = layer.switch
         return PrefixPatch(model, inner, layer, state)
 
     # --- PEFT interchange: PEFT's checkpoint holds only prompt_embeddings, (P, L*2*kv_dim) ---
@@ -436,6 +490,9 @@ class Prefix(Method):
     @classmethod
     def peft_config(cls, params: MethodParams) -> dict[str, Any]:
         assert isinstance(params, PrefixParams)
+        if params.positions != "peft":
+            raise ExportError("a prefix with positions=adapterhub computes what PEFT does not (PEFT's real tokens "
+                              "sit after the prefix): export it with positions=peft, or keep it a surgeon run")
         config: dict[str, Any] = {"num_virtual_tokens": params.tokens,
                                   "prefix_projection": params.projection is not None}
         if params.projection is not None:

@@ -34,7 +34,7 @@ from pydantic import Field
 from torch import nn
 
 from surgeon.methods._rng import draw
-from surgeon.methods.base import ApplyContext, Method, MethodParams, Patch, Target, register
+from surgeon.methods.base import DROP_SWITCH, ApplyContext, DropSwitch, Method, MethodParams, Patch, Target, register
 
 _DEFAULTS = {  # config -> (reduction, activation, scale), AdapterHub's SeqBn/DoubleSeqBn/ParBn configs
     "pfeiffer": (16.0, "relu", 1.0),
@@ -110,8 +110,12 @@ class Bottleneck(nn.Module):
         self.adapter_down = nn.Sequential(nn.Linear(hidden, size), _ACTIVATIONS[act]())
         self.adapter_up = nn.Linear(size, hidden)
         self.scale = scale
-        self.dropped = False  # AdapterDrop (surgeon/methods/data_path/drop.py) sets it per forward
+        self.__dict__[DROP_SWITCH] = DropSwitch()  # AdapterDrop (data_path/drop.py) turns it per forward
         self.to(dtype=like.dtype, device=like.device)
+
+    @property
+    def dropped(self) -> bool:
+        return self.__dict__[DROP_SWITCH].dropped
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up = self.adapter_up(self.adapter_down(x.to(self.adapter_up.weight.dtype)))

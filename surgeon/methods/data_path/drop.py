@@ -1,10 +1,12 @@
-"""AdapterDrop (Rücklé et al. 2021): the adapters of chosen layers do nothing.
+"""AdapterDrop (Rücklé et al. 2021): the adapter-family modules of chosen layers do nothing.
 
     inject adapter config=pfeiffer
     drop adapters in layers.[0-3]             # those layers compute exactly what the base computes
     drop adapters rate=0.5 in layers.[0-5]    # in training, each forward drops them with probability 0.5
 
-Without `rate` the layers' adapters are off in training and inference, as AdapterHub's
+What is dropped: every module in the layer that carries a drop switch (`DropSwitch` in
+methods/base.py): bottleneck adapters and a prefix on the layer's attention (MAM), as AdapterHub's
+`skip_layers` drops them all. Without `rate` the layers' adapters are off in training and inference, as AdapterHub's
 `skip_layers` (their outputs, and the gradients, are the base model's: the adapters get none).
 With `rate=p`, each training forward of a layer drops its adapters with probability p, drawn from
 torch's RNG as dropout is; in eval they always act. Revert (or reverting the adapters) takes it away.
@@ -19,8 +21,7 @@ from pydantic import Field
 from torch import nn
 
 from surgeon.errors import SurgeryError
-from surgeon.methods.base import ApplyContext, Method, MethodParams, Patch, Target, register
-from surgeon.methods.data_path.adapter import Bottleneck
+from surgeon.methods.base import ApplyContext, DropSwitch, Method, MethodParams, Patch, Target, drop_switches, register
 
 
 class DropParams(MethodParams):
@@ -29,22 +30,22 @@ class DropParams(MethodParams):
 
 
 class DropPatch(Patch):
-    def __init__(self, layer: nn.Module, adapters: list[Bottleneck], rate: float | None) -> None:
-        self.adapters, self.rate = adapters, rate
+    def __init__(self, layer: nn.Module, switches: list[DropSwitch], rate: float | None) -> None:
+        self.switches, self.rate = switches, rate
         self.handle = layer.register_forward_pre_hook(self._decide)
 
     def _decide(self, layer: nn.Module, args: Any) -> None:
         dropped = self.rate is None or (layer.training and bool(torch.rand(()) < self.rate))
-        for adapter in self.adapters:
-            adapter.dropped = dropped
+        for switch in self.switches:
+            switch.dropped = dropped
 
     def added_parameters(self) -> dict[str, nn.Parameter]:
         return {}
 
     def revert(self) -> None:
         self.handle.remove()
-        for adapter in self.adapters:
-            adapter.dropped = False
+        for switch in self.switches:
+            switch.dropped = False
 
 
 @register
@@ -65,8 +66,8 @@ class DropAdapters(Method):
     def apply(cls, model: nn.Module, target: Target, params: MethodParams, ctx: ApplyContext) -> Patch:
         assert isinstance(params, DropParams)
         layer = model.get_submodule(target.path)
-        adapters = [m for m in layer.children() if isinstance(m, Bottleneck)]
-        if not adapters:
-            raise SurgeryError(f"{target.path} holds no adapter to drop: write 'inject adapter ...' before "
-                               "'drop adapters' (in this spec or an earlier one)")
-        return DropPatch(layer, adapters, params.rate)
+        switches = drop_switches(layer)
+        if not switches:
+            raise SurgeryError(f"{target.path} holds no adapter to drop: write 'inject adapter ...' (or 'inject "
+                               "prefix ...') before 'drop adapters' (in this spec or an earlier one)")
+        return DropPatch(layer, switches, params.rate)

@@ -89,7 +89,7 @@ SURGEON = {
     "seq_bn": "inject adapter config=pfeiffer",
     "double_seq_bn": "inject adapter config=houlsby",
     "par_bn": "inject adapter config=parallel",
-    "mam": "inject adapter config=mam",
+    "mam": "specs/mam.peft, with projection= the prefix's bottleneck_size",
 }
 
 
