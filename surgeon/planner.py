@@ -174,8 +174,9 @@ class _Planner:
         return "nearest module names: " + ", ".join(close) if close else None
 
     def targets(self, method: type[Method], statement: Statement,
-                args: WordArgs) -> tuple[dict[str, set[str | None]], bool]:
-        """The matched module paths (with the slices matched), and whether the match is lenient."""
+                args: WordArgs) -> tuple[dict[str, set[str | None]], bool, dict[str, str]]:
+        """The matched module paths (with the slices matched), whether the match is lenient, and
+        the preposition that named each path (`after *.mlp`)."""
         allowed = method.prepositions | {"except"}
         for clause in statement.clauses:
             if clause.preposition not in allowed:
@@ -188,6 +189,7 @@ class _Planner:
         clauses += [Clause(preposition="except", pattern=text, location=statement.location) for text in args.excepts]
         clauses += [c for c in statement.clauses if c.preposition == "except"]
         chosen: dict[str, set[str | None]] = {}
+        named_by: dict[str, str] = {}
         lenient = args.lenient
         if not any(c.preposition != "except" for c in clauses) and method.default_target:
             # `train bias` alone: every module the method accepts
@@ -222,10 +224,13 @@ class _Planner:
             else:
                 for path, slices in found.items():
                     chosen.setdefault(path, set()).update(slices)
+                    if named_by.setdefault(path, clause.preposition) != clause.preposition:
+                        raise self.error(f"{path} is named by '{named_by[path]}' and by '{clause.preposition}'",
+                                         clause.location, "name each module with one preposition")
         if not chosen:
             raise self.error("nothing is left to patch after 'except'", statement.location,
                              "the except patterns remove every module the statement matched")
-        return chosen, lenient
+        return chosen, lenient, named_by
 
     def with_descendants(self, found: dict[str, set[str | None]]) -> dict[str, set[str | None]]:
         wider = dict(found)
@@ -254,7 +259,18 @@ class _Planner:
                 remaining[path] = left
         return remaining
 
-    def target(self, info: ModuleInfo, slices: set[str | None], method: type[Method]) -> Target:
+    def one_per_role(self, chosen: dict[str, set[str | None]]) -> dict[str, set[str | None]]:
+        """Of modules that share one role path (BERT's FFN is `intermediate` and `output`, both
+        `layers.N.mlp`), the last: the sub-block's output side, where a method placed by role acts."""
+        last: dict[str, str] = {}
+        for path in chosen:
+            roles = self.graph.modules[path].role_paths
+            last[roles[0] if roles else path] = path
+        kept = set(last.values())
+        return {path: slices for path, slices in chosen.items() if path in kept}
+
+    def target(self, info: ModuleInfo, slices: set[str | None], method: type[Method],
+               preposition: str | None = None) -> Target:
         weight = info.params.get("weight")
         whole = None in slices
         if not whole and not method.takes_slices:
@@ -274,6 +290,7 @@ class _Planner:
             merged=any(p.merged for p in info.params.values()),
             kv_dim=self.kv_width(info),
             hidden_size=getattr(self.graph.config, "hidden_size", None),
+            preposition=preposition,
         )
 
     def kv_width(self, info: ModuleInfo) -> int | None:
@@ -297,11 +314,13 @@ class _Planner:
         args = self.read_words(method, words, statement)
         params = self.validate(method, statement, args.params)
         rewrites = []
-        chosen, lenient = self.targets(method, statement, args)
+        chosen, lenient, named_by = self.targets(method, statement, args)
+        if method.places_by_role:
+            chosen = self.one_per_role(chosen)
         for path, slices in chosen.items():
             info = self.graph.modules[path]
             try:
-                target = self.target(info, slices, method)
+                target = self.target(info, slices, method, named_by.get(path))
             except PlanError as problem:
                 raise self.error(str(problem), statement.location) from None
             if lenient and not method.keeps(target, params):

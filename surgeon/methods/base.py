@@ -66,6 +66,7 @@ class Target(BaseModel):
     merged: bool = False  # its weight already holds a merged delta
     kv_dim: int | None = None  # an attention module's key (= value) width: its k projection's outputs
     hidden_size: int | None = None  # the model's hidden width (what a module in the data path maps)
+    preposition: str | None = None  # the clause that named it: `after *.mlp` places an adapter after the FFN
 
 
 @dataclass
@@ -154,6 +155,9 @@ class Method(ABC):
     kinds: ClassVar[frozenset[str]] = frozenset()
     takes_slices: ClassVar[bool] = False  # can it act on a q/k/v slice of a fused projection?
     stacks_on: ClassVar[frozenset[str]] = frozenset()  # methods that may precede it on one module
+    # placed by role (an adapter after `*.mlp`): of matched modules sharing one role path, the
+    # planner keeps the last (BERT's FFN output, not its `intermediate` half)
+    places_by_role: ClassVar[bool] = False
     refuses_stack: ClassVar[dict[str, str]] = {}  # method -> why this one cannot share a module with it
     # model-wide things this method takes over ("inputs": what the model sees before the first layer;
     # "attention": the attention function). Two statements that claim the same thing are rejected.

@@ -4,6 +4,8 @@ al. 2022's parallel form), as AdapterHub `adapters` 1.3 computes them (../shared
     inject adapter config=pfeiffer              # seq_bn: after the FFN, reduction 16, relu
     inject adapter config=houlsby               # double_seq_bn: after attention and after the FFN, swish
     inject adapter config=parallel in layers.[6-11]   # par_bn: beside the FFN, reduction 2, scale 4
+    inject adapter after *.attn                 # explicit placement: on one sub-block's output h
+    inject adapter scale=4 beside *.mlp         # explicit parallel form: reads r, adds to h
 
 A(x) = up(act(down(x))), bottleneck m = size, or hidden // reduction (at least 1). Where it acts,
 with h a sub-layer's output and r that sub-block's input (the residual stream):
@@ -14,7 +16,14 @@ with h a sub-layer's output and r that sub-block's input (the residual stream):
 | houlsby | at attention and FFN: y = LN(A(h) + h + r) | y = r + (A(h) + h) |
 | parallel | y = LN(h + s A(r) + r) | y = r + (h + s A(r)); r before the FFN's norm |
 
-The adapters are modules registered on the layer (`adapter_output`, `adapter_attention`, with
+Explicit placement names the sub-block (`*.attn` or `*.mlp`; BERT's two FFN modules count as one)
+and leaves the config only its defaults (reduction, act, scale): `after X` is y = ... (A(h) + h)
+at X's output, houlsby's form for one sub-block; `beside X` is y = ... (h + s A(r)) with r the
+input of X's sub-block, where parallel takes it (the un-normalised residual stream on pre-norm
+models). `config=houlsby` is `after *.attn` plus `after *.mlp`; `config=parallel` is `beside *.mlp`.
+Explicitly placed adapters are one module `adapter` on the sub-block.
+
+The config forms' adapters are modules registered on the layer (`adapter_output`, `adapter_attention`, with
 AdapterHub's own parameter names inside: `adapter_down.0`, `adapter_up`) and wired in with
 forward hooks on the layer's own modules; no model code is copied and no class is swapped. Revert
 removes the hooks and the modules. `init=zero` (the default) draws the down-projection as a
@@ -33,6 +42,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from surgeon.errors import SurgeryError
 from surgeon.methods._rng import draw
 from surgeon.methods.base import DROP_SWITCH, ApplyContext, DropSwitch, Method, MethodParams, Patch, Target, register
 
@@ -66,6 +76,8 @@ class Placement:
     ffn_in_arg: int
     ffn_norm: str | None  # post-norm: the norm over h + r after the FFN; None: a pre-norm layer
     ffn_block: str = ""  # pre-norm: the module whose output is r + h after the FFN ("": the layer)
+    attn_in: str = ""  # the module whose input `attn_in_arg` is the attention sub-block's r
+    attn_in_arg: int = 0
 
     def at(self, layer: nn.Module) -> Placement:
         """The paths in this layer: `{ff}` is the index of T5's feed-forward sub-layer (the last)."""
@@ -76,14 +88,16 @@ class Placement:
 
 # by layer class: the architectures whose placement is known (and checked against AdapterHub)
 _PLACEMENTS = {
-    "BertLayer": Placement("attention.output.dropout", "output.dropout", "output", 1, "output.LayerNorm"),
-    "RobertaLayer": Placement("attention.output.dropout", "output.dropout", "output", 1, "output.LayerNorm"),
-    "LlamaDecoderLayer": Placement("self_attn", "mlp", "post_attention_layernorm", 0, None),
-    "Qwen2DecoderLayer": Placement("self_attn", "mlp", "post_attention_layernorm", 0, None),
-    "MistralDecoderLayer": Placement("self_attn", "mlp", "post_attention_layernorm", 0, None),
-    "GPT2Block": Placement("attn", "mlp", "ln_2", 0, None),
+    "BertLayer": Placement("attention.output.dropout", "output.dropout", "output", 1, "output.LayerNorm",
+                           attn_in="attention.output", attn_in_arg=1),
+    "RobertaLayer": Placement("attention.output.dropout", "output.dropout", "output", 1, "output.LayerNorm",
+                              attn_in="attention.output", attn_in_arg=1),
+    "LlamaDecoderLayer": Placement("self_attn", "mlp", "post_attention_layernorm", 0, None, attn_in="input_layernorm"),
+    "Qwen2DecoderLayer": Placement("self_attn", "mlp", "post_attention_layernorm", 0, None, attn_in="input_layernorm"),
+    "MistralDecoderLayer": Placement("self_attn", "mlp", "post_attention_layernorm", 0, None, attn_in="input_layernorm"),
+    "GPT2Block": Placement("attn", "mlp", "ln_2", 0, None, attn_in="ln_1"),
     # T5: layer.0 self-attention, (decoder: layer.1 cross-attention, not adapted), the last one the FFN
-    "T5Block": Placement("layer.0.dropout", "layer.{ff}.dropout", "layer.{ff}", 0, None, "layer.{ff}"),
+    "T5Block": Placement("layer.0.dropout", "layer.{ff}.dropout", "layer.{ff}", 0, None, "layer.{ff}", attn_in="layer.0"),
 }
 
 
@@ -98,7 +112,12 @@ def bottleneck_size(target: Target, params: AdapterParams) -> int:
     return params.size or max(1, int((target.hidden_size or 0) // reduction))
 
 
-def _sites(params: AdapterParams) -> tuple[str, ...]:
+_EXPLICIT = ("after", "beside")  # the prepositions that place an adapter on one sub-block
+
+
+def _sites(target: Target, params: AdapterParams) -> tuple[str, ...]:
+    if target.preposition in _EXPLICIT:
+        return ("adapter",)
     return ("adapter_attention", "adapter_output") if params.config == "houlsby" else ("adapter_output",)
 
 
@@ -144,16 +163,21 @@ def _replace_first(output: Any, value: torch.Tensor) -> Any:
 
 
 class AdapterPatch(Patch):
-    """The adapter modules registered on a layer and the hooks that wire them in."""
+    """The adapter modules registered on `owner` (the layer, or the sub-block an explicit placement
+    names) and the hooks on the layer's modules that wire them in."""
 
-    def __init__(self, layer: nn.Module, modules: dict[str, Bottleneck]) -> None:
-        self.layer, self.names, self.handles = layer, list(modules), []
+    def __init__(self, owner: nn.Module, layer: nn.Module, modules: dict[str, Bottleneck]) -> None:
+        self.owner, self.layer, self.modules, self.handles = owner, layer, modules, []
         self.captured: dict[str, torch.Tensor] = {}
         for name, module in modules.items():
-            layer.add_module(name, module)
+            if name in owner._modules or hasattr(owner, name):
+                raise SurgeryError(f"{type(owner).__name__} already has '{name}': two adapters at one place "
+                                   "(a config form and an explicit one?)")
+        for name, module in modules.items():
+            owner.add_module(name, module)
 
     def added_parameters(self) -> dict[str, nn.Parameter]:
-        return {f"{name}.{n}": p for name in self.names for n, p in getattr(self.layer, name).named_parameters()}
+        return {f"{name}.{n}": p for name, module in self.modules.items() for n, p in module.named_parameters()}
 
     def hook(self, path: str, kind: str, hook: Any) -> None:
         module = self.layer.get_submodule(path) if path else self.layer
@@ -164,38 +188,58 @@ class AdapterPatch(Patch):
         for handle in self.handles:
             handle.remove()
         self.handles, self.captured = [], {}
-        for name in self.names:
-            self.layer._modules.pop(name, None)
+        for name in self.modules:
+            self.owner._modules.pop(name, None)
+
+
+def _keep(kept: dict[str, torch.Tensor], name: str, index: int) -> Any:
+    def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kept[name] = args[index] if len(args) > index else list(kwargs.values())[index - len(args)]
+    return pre
+
+
+def _after(patch: AdapterPatch, path: str, adapter: Bottleneck) -> None:
+    """h -> A(h) + h at the output of the module at `path`."""
+    def post(module: nn.Module, args: tuple, out: Any) -> Any:
+        return None if adapter.dropped else _replace_first(out, adapter(_first(out)) + _first(out))
+    patch.hook(path, "post", post)
+
+
+def _beside(patch: AdapterPatch, source: tuple[str, int], path: str, adapter: Bottleneck) -> None:
+    """h -> h + A(r) at the output of the module at `path`, r the input `source` = (module, arg)."""
+    kept, key = patch.captured, f"r:{path}"
+
+    def post(module: nn.Module, args: tuple, out: Any) -> Any:
+        r = kept.pop(key)
+        return None if adapter.dropped else _replace_first(out, _first(out) + adapter(r))
+
+    patch.hook(source[0], "pre", _keep(kept, key, source[1]))
+    patch.hook(path, "post", post)
+
+
+def _wire_explicit(patch: AdapterPatch, placement: Placement, target: Target) -> None:
+    adapter = patch.modules["adapter"]
+    attention = target.role == "attn"
+    out = placement.attn_out if attention else placement.ffn_out
+    if target.preposition == "after":
+        _after(patch, out, adapter)
+    else:
+        source = (placement.attn_in, placement.attn_in_arg) if attention else (placement.ffn_in, placement.ffn_in_arg)
+        _beside(patch, source, out, adapter)
 
 
 def _wire(patch: AdapterPatch, placement: Placement, params: AdapterParams) -> None:
     layer, kept = patch.layer, patch.captured
-    output = getattr(layer, "adapter_output")
-
-    def keep(name: str, index: int) -> Any:
-        def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            kept[name] = args[index] if len(args) > index else list(kwargs.values())[index - len(args)]
-        return pre
-
-    def add_own(adapter: Bottleneck) -> Any:  # h -> A(h) + h
-        def post(module: nn.Module, args: tuple, out: Any) -> Any:
-            return None if adapter.dropped else _replace_first(out, adapter(_first(out)) + _first(out))
-        return post
-
-    def beside(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
-        r = kept.pop("r")
-        return None if output.dropped else out + output(r)
-
+    output = patch.modules["adapter_output"]
     if params.config == "houlsby":
-        patch.hook(placement.attn_out, "post", add_own(getattr(layer, "adapter_attention")))
-        patch.hook(placement.ffn_out, "post", add_own(output))
+        _after(patch, placement.attn_out, patch.modules["adapter_attention"])
+        _after(patch, placement.ffn_out, output)
     elif params.config == "parallel":
-        patch.hook(placement.ffn_in, "pre", keep("r", placement.ffn_in_arg))
-        patch.hook(placement.ffn_out, "post", beside)
+        _beside(patch, (placement.ffn_in, placement.ffn_in_arg), placement.ffn_out, output)
     elif placement.ffn_norm is None:  # pfeiffer, pre-norm: on the block's output z = r + h
-        patch.hook(placement.ffn_block, "post", add_own(output))
+        _after(patch, placement.ffn_block, output)
     else:  # pfeiffer, post-norm: z = LN(h + r), then LN(A(z) + h + r) with the same norm
-        patch.hook(placement.ffn_in, "pre", keep("r", placement.ffn_in_arg))
+        patch.hook(placement.ffn_in, "pre", _keep(kept, "r", placement.ffn_in_arg))
         patch.hook(placement.ffn_out, "post", lambda m, a, out: kept.__setitem__("h", out))
 
         def again(norm: nn.Module, args: tuple, z: torch.Tensor) -> torch.Tensor | None:
@@ -207,14 +251,27 @@ def _wire(patch: AdapterPatch, placement: Placement, params: AdapterParams) -> N
         patch.hook(placement.ffn_norm, "post", again)
 
 
+def _layer_of(model: nn.Module, target: Target) -> nn.Module:
+    """The layer whose sub-block `target` is: the nearest enclosing module of known placement."""
+    path = target.path
+    while path:
+        path = path.rpartition(".")[0]
+        module = model.get_submodule(path)
+        if type(module).__name__ in _PLACEMENTS:
+            return module
+    known = ", ".join(sorted(_PLACEMENTS))
+    raise SurgeryError(f"{target.path} is in no layer of known adapter placement ({known})")
+
+
 @register
 class Adapter(Method):
     verb = "inject"
     name = "adapter"
     Params = AdapterParams
-    prepositions = frozenset({"in"})
+    prepositions = frozenset({"in", *_EXPLICIT})
     kinds = frozenset({"container"})
     default_target = "layers.*"
+    places_by_role = True
     summary = "bottleneck adapters in each layer's data path (pfeiffer, houlsby, parallel; AdapterHub's math)"
 
     @classmethod
@@ -228,12 +285,18 @@ class Adapter(Method):
         reason = super().check(target, params)
         if reason:
             return reason
+        if not target.hidden_size:
+            return f"{target.path}: the model's config gives no hidden_size for the adapter's width"
+        if target.preposition in _EXPLICIT:
+            if target.role in ("attn", "mlp"):
+                return None
+            what = "a cross-attention block (not adapted)" if target.role == "cross_attn" else f"a {target.type_name}"
+            return (f"{target.path} is {what}: '{target.preposition} PATTERN' names attention or feed-forward "
+                    "blocks (*.attn, *.mlp); whole layers are 'in layers.*'")
         if target.type_name not in _PLACEMENTS:
             known = ", ".join(sorted(_PLACEMENTS))
             return (f"{target.path} is a {target.type_name}: adapter placement is known for {known}; "
                     "name the layers with 'in layers.*' on one of those")
-        if not target.hidden_size:
-            return f"{target.path}: the model's config gives no hidden_size for the adapter's width"
         return None
 
     @classmethod
@@ -241,7 +304,7 @@ class Adapter(Method):
         assert isinstance(params, AdapterParams)
         d, m = target.hidden_size or 0, bottleneck_size(target, params)
         shapes: dict[str, tuple[int, ...]] = {}
-        for site in _sites(params):
+        for site in _sites(target, params):
             shapes |= {f"{site}.adapter_down.0.weight": (m, d), f"{site}.adapter_down.0.bias": (m,),
                        f"{site}.adapter_up.weight": (d, m), f"{site}.adapter_up.bias": (d,)}
         return shapes
@@ -249,14 +312,19 @@ class Adapter(Method):
     @classmethod
     def apply(cls, model: nn.Module, target: Target, params: MethodParams, ctx: ApplyContext) -> Patch:
         assert isinstance(params, AdapterParams) and target.hidden_size
-        layer = model.get_submodule(target.path)
+        owner = model.get_submodule(target.path)
+        layer = _layer_of(model, target) if target.preposition in _EXPLICIT else owner
         _, act, scale = settings(params)
-        like = next(layer.parameters())
+        like = next(owner.parameters())
         modules = {site: Bottleneck(target.hidden_size, bottleneck_size(target, params), act, scale, like)
-                   for site in _sites(params)}
+                   for site in _sites(target, params)}
         if ctx.init:
             for module in modules.values():
                 module.initialise(params.init, ctx.generator)
-        patch = AdapterPatch(layer, modules)
-        _wire(patch, _PLACEMENTS[target.type_name].at(layer), params)
+        patch = AdapterPatch(owner, layer, modules)
+        placement = _PLACEMENTS[type(layer).__name__].at(layer)
+        if target.preposition in _EXPLICIT:
+            _wire_explicit(patch, placement, target)
+        else:
+            _wire(patch, placement, params)
         return patch
