@@ -184,10 +184,25 @@ def test_an_adapter_composes_with_other_methods_and_trains(spec: str) -> None:
     assert_same_model(model, original)
 
 
-def test_merge_is_refused_with_the_reason() -> None:
-    job = surgeon.apply("inject adapter config=pfeiffer", tiny_llama())
-    with pytest.raises(PlanError, match="not mergeable"):
+def test_merge_is_refused_with_the_reason(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from surgeon.cli import app
+
+    model = tiny_llama()
+    original = clone(model)
+    model.save_pretrained(tmp_path / "base")
+    job = surgeon.apply("inject adapter config=pfeiffer\ninject lora r=2 into *.attn.q", model)
+    with pytest.raises(PlanError, match=r"'inject adapter' \(model.layers.0, model.layers.1\) is not mergeable: "
+                                        r"a bottleneck adapter computes up\(act\(down\(x\)\)\)"):
         job.merge()
+    job.save(tmp_path / "run")
+    job.revert()
+    assert_same_model(model, original)  # the refused merge left the model as it was
+    result = CliRunner().invoke(app, ["merge", str(tmp_path / "run"), "--model", str(tmp_path / "base"),
+                                      "--out", str(tmp_path / "merged")])
+    assert result.exit_code == 2 and "no weight matrix holds" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "merged").exists()
 
 
 @pytest.mark.parametrize("statement, message", [

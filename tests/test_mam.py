@@ -12,7 +12,7 @@ import torch
 import transformers
 from conftest import assert_same_model, batch, clone, run, tiny_llama, train_losses
 from safetensors.torch import load_file
-from test_adapters import FIXTURES, INDEX, TOL, fixture_model, forward, layers_named, surgeon_name
+from test_adapters import CLASSES, FIXTURES, INDEX, TOL, fixture_model, forward, layers_named, surgeon_name
 from torch import nn
 
 import surgeon
@@ -67,8 +67,9 @@ def prefix_views(name: str, tensor: torch.Tensor, layers: dict[str, list[str]]) 
     return {f"{path}.prefix_out_{kind}": tensor[i * rows:(i + 1) * rows] for i, path in enumerate(paths)}
 
 
-def loaded(case: dict, skip: list[int] | None = None) -> tuple[nn.Module, surgeon.Job]:
-    model = fixture_model(case["model_type"])
+def loaded(case: dict, skip: list[int] | None = None, attention: str = "eager") -> tuple[nn.Module, surgeon.Job]:
+    model = CLASSES[case["model_type"]].from_pretrained(FIXTURES / case["model_type"] / "base",
+                                                        attn_implementation=attention).eval()
     spec = spec_for(case) + (f"\ndrop adapters in {layers_named(model, skip)}" if skip else "")
     job = surgeon.apply(spec, model, seed=0)
     params = job.trainable_parameters()
@@ -141,6 +142,19 @@ def test_adapterdrop_of_mam_equals_skip_layers(case: dict, monkeypatch: pytest.M
             adapterhubs_t5_bias(monkeypatch)  # ... by exactly that bug
         torch.testing.assert_close(forward(model, inputs), expected, **TOL["logits"])
         monkeypatch.undo()
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c["model_type"] in ("llama", "gpt2")],
+                         ids=["llama", "gpt2"])
+def test_under_sdpa_mam_gives_the_eager_logits(case: dict) -> None:
+    """AdapterHub's prefix is wrong under SDPA on decoder models (top-left causal alignment without
+    padding, the prefix masked out with it); surgeon's under SDPA equals the library's eager result."""
+    model, _ = loaded(case, attention="sdpa")
+    assert model.config._attn_implementation == "surgeon_prefix_sdpa"
+    for variant in [v for v in case["variants"] if not v["skip_layers"]]:
+        inputs = load_file(str(FIXTURES / variant["inputs"]))
+        torch.testing.assert_close(forward(model, inputs), load_file(str(FIXTURES / variant["file"]))["logits"],
+                                   **TOL["logits"])
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])

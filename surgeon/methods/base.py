@@ -163,6 +163,8 @@ class Method(ABC):
     # "attention": the attention function). Two statements that claim the same thing are rejected.
     claims: ClassVar[frozenset[str]] = frozenset()
     mergeable: ClassVar[bool] = False
+    # why not, for `merge`'s refusal (a method that is not mergeable says what it is instead)
+    unmergeable_because: ClassVar[str] = "it changes what the model computes in a way no weight holds"
     streams: ClassVar[bool] = False  # may be applied tensor by tensor while a checkpoint loads
     summary: ClassVar[str] = ""
     # the pattern a statement without a target clause means (`train bias` = "**": every module the

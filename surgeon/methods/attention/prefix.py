@@ -415,6 +415,8 @@ class Prefix(Method):
     claims = frozenset({"attention", "inputs"})
     summary = "prefix tuning / P-tuning v2: trainable keys and values in front of each attention layer"
     peft_type = "PREFIX_TUNING"
+    unmergeable_because = ("a prefix is keys and values attention reads, not a change of any weight "
+                           "(surgeon fold replaces its MLP by the prefix it produces)")
     peft_scope = "model"
 
     @classmethod

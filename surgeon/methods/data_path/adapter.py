@@ -272,6 +272,8 @@ class Adapter(Method):
     kinds = frozenset({"container"})
     default_target = "layers.*"
     places_by_role = True
+    unmergeable_because = ("a bottleneck adapter computes up(act(down(x))), which no weight matrix holds; it stays a "
+                           "module: load the run with surgeon.load, or export it (surgeon export --format adapterhub)")
     summary = "bottleneck adapters in each layer's data path (pfeiffer, houlsby, parallel; AdapterHub's math)"
 
     @classmethod

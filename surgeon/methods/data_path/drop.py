@@ -56,6 +56,7 @@ class DropAdapters(Method):
     prepositions = frozenset({"in"})
     kinds = frozenset({"container"})
     stacks_on = frozenset({"adapter"})
+    unmergeable_because = "AdapterDrop switches adapters off and holds no weights"
     summary = "AdapterDrop: the adapters of chosen layers do nothing (or, with rate=p, now and then in training)"
 
     @classmethod

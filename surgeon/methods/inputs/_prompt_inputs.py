@@ -48,6 +48,7 @@ class InputPromptMethod(Method):
 
     kinds = frozenset({"embedding"})
     claims = frozenset({"inputs"})
+    unmergeable_because = "virtual tokens are inputs the model reads, not a change of any weight"
     peft_scope = "model"  # PEFT's prompt learning: top-level `prompt_embeddings`, not per module
 
     @classmethod
