@@ -24,6 +24,7 @@ from surgeon.errors import SurgeonError, did_you_mean
 from surgeon.files import same_or_nested, write_dir
 from surgeon.graph import ModuleGraph, build_module_graph
 from surgeon.job import apply_checkpoint
+from surgeon.adapterhub_format import describe as describe_adapterhub
 from surgeon.adapterhub_format import is_adapterhub_dir
 from surgeon.job import Job, import_adapterhub, import_peft, load
 from surgeon.language import parse_spec, read_spec_text
@@ -295,7 +296,8 @@ def fold(
 def export(
     run: Annotated[Path, typer.Argument(help="a run directory")],
     out_dir: Annotated[Path, typer.Option("--out", help="directory for the exported adapter")],
-    format: Annotated[str, typer.Option("--format", help="the target format: peft")] = "peft",
+    format: Annotated[str, typer.Option("--format", help="the target format: peft, or adapterhub (bottleneck "
+                                                        "adapters, for AdapterHub's adapters 1.3)")] = "peft",
     model: ModelOpt = None,
     checkpoint: CheckpointOpt = None,
     force: Annotated[bool, typer.Option(help="replace a non-empty --out")] = False,
@@ -306,12 +308,21 @@ def export(
 
     Quantize statements are left out (load the base quantized with bitsandbytes to match); a
     feature PEFT cannot hold (LoRA on only the q and v slices of GPT-2's fused c_attn) is refused
-    with the reason."""
-    if format != "peft":
-        raise SurgeonError(f"unknown format '{format}': the only export format is 'peft'")
+    with the reason.
+
+    --format adapterhub writes AdapterHub's saved adapter (adapter_config.json + adapter.safetensors,
+    adapters 1.3.0's layout) of a run of `inject adapter` statements, which
+    model.load_adapter(OUT, use_safetensors=True) loads after adapters.init(model); layers the run
+    leaves without adapters become leave_out, and anything else (other methods, a Qwen2 model) is
+    refused with the reason."""
+    if format not in ("peft", "adapterhub"):
+        raise SurgeonError(f"unknown format '{format}': the export formats are 'peft' and 'adapterhub'")
     _rerun_and_write(run, out_dir, force, as_json, "exporting", lambda job: job,
-                     lambda job, path: job.save(path, format="peft"), model=model, checkpoint=checkpoint)
+                     lambda job, path: job.save(path, format=format), model=model, checkpoint=checkpoint)
     config = json.loads((out_dir / "adapter_config.json").read_text())
+    if format == "adapterhub":
+        _say_adapterhub_export(config, out_dir, as_json)
+        return
     modules = config.get("target_modules")  # none for prompt learning: one top-level prompt
     if as_json:
         print(json.dumps({"ok": True, "out": str(out_dir), "peft_type": config["peft_type"],
@@ -319,6 +330,15 @@ def export(
         return
     where = f" for {len(modules)} module names" if modules else ""
     out.print(f"wrote a PEFT {config['peft_type']} adapter{where} to {out_dir}")
+
+
+def _say_adapterhub_export(saved: dict[str, Any], out_dir: Path, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"ok": True, "out": str(out_dir), "format": "adapterhub", "name": saved["name"],
+                          "config": saved["config"]}))
+        return
+    out.print(f"wrote the AdapterHub adapter '{saved['name']}', {escape(describe_adapterhub(saved))}, to {out_dir}; "
+              f"load it with model.load_adapter('{out_dir}', use_safetensors=True)", highlight=False)
 
 
 @app.command("import")
@@ -364,6 +384,7 @@ def methods(
                                f" methods: {', '.join(k.split()[-1] for k in found)}")
         found = matches
     rows = [{"statement": statement, "summary": method.summary, "targets": sorted(method.kinds),
+             "clauses": sorted(method.prepositions),
              "peft": method.peft_type, "mergeable": method.mergeable,
              "parameters": {key: {"default": None if field.is_required() else field.default,
                                   "required": field.is_required(), "description": field.description}
@@ -377,16 +398,17 @@ def methods(
         for column in ("statement", "what it does", "targets", "PEFT"):
             table.add_column(column)
         for row in rows:
-            table.add_row(row["statement"], row["summary"], ", ".join(row["targets"]), row["peft"] or "-")
+            table.add_row(row["statement"], escape(row["summary"]), ", ".join(row["targets"]), row["peft"] or "-")
         out.print(table)
         return
     for row in rows:
-        table = Table(title=f"{row['statement']}: {row['summary']}", title_justify="left")
+        clauses = " | ".join(f"{p} PATTERN" for p in row["clauses"])
+        table = Table(title=escape(f"{row['statement']} [{clauses}]: {row['summary']}"), title_justify="left")
         for column in ("parameter", "default", "meaning"):
             table.add_column(column)
         for key, field in row["parameters"].items():
             default = "required" if field["required"] else repr(field["default"])
-            table.add_row(key, escape(default), field["description"] or "")
+            table.add_row(key, escape(default), escape(field["description"] or ""))
         out.print(table)
 
 

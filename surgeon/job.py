@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from surgeon import checkpoints
-from surgeon.adapterhub_format import read_adapterhub_dir, statement_from_adapterhub
+from surgeon.adapterhub_format import (export_adapterhub, library_layers, read_adapterhub_dir,
+                                       statement_from_adapterhub)
 from surgeon.adapterhub_format import surgeon_name as adapterhub_name
 from surgeon.errors import ManifestError, PlanError, RevertError, SurgeonError
 from surgeon.files import write_dir
@@ -185,23 +186,27 @@ class Job:
                   "using torch.optim.AdamW")
         return torch.optim.AdamW(params, **options)
 
-    def save(self, run_dir: str | Path, format: Literal["surgeon", "peft"] = "surgeon") -> Path:
+    def save(self, run_dir: str | Path, format: Literal["surgeon", "peft", "adapterhub"] = "surgeon") -> Path:
         """Write manifest.json and adapters.safetensors (the added and trained tensors) to run_dir;
         with format="peft", PEFT's adapter_config.json + adapter_model.safetensors instead, which
-        `peft.PeftModel.from_pretrained(base, run_dir)` loads.
+        `peft.PeftModel.from_pretrained(base, run_dir)` loads; with format="adapterhub", AdapterHub's
+        adapter_config.json + adapter.safetensors, which `model.load_adapter(run_dir, use_safetensors=True)` loads.
 
         The directory is written beside and swapped in at once: a crash at any moment leaves the
         previous run or the new one. An existing directory is replaced only if it holds a run
-        (or a PEFT adapter, for format="peft"); anything else there is refused."""
+        (or an adapter, for format="peft" or "adapterhub"); anything else there is refused."""
         surgery = self._live()
         run_dir = Path(run_dir)
-        if format not in ("surgeon", "peft"):
-            raise SurgeonError(f"unknown format '{format}': use 'surgeon' or 'peft'")
+        if format not in ("surgeon", "peft", "adapterhub"):
+            raise SurgeonError(f"unknown format '{format}': use 'surgeon', 'peft' or 'adapterhub'")
         _check_replaceable(run_dir, MANIFEST_FILE if format == "surgeon" else "adapter_config.json")
         if format == "peft":
             source = self.manifest.source
             write_dir(run_dir, lambda staging: export_peft(surgery.patches, staging, source.location
                                                            if source.kind == "hf" else None, surgery.model))
+            return run_dir
+        if format == "adapterhub":
+            write_dir(run_dir, lambda staging: export_adapterhub(surgery.patches, staging, surgery.model))
             return run_dir
         spilled = self.manifest.originals
         written = [self.manifest]
@@ -255,9 +260,14 @@ class Job:
         """Fold every delta into the base weights; the model becomes plain (with `requantize`,
         quantized layers are quantized again, the delta included). Revert stays exact."""
         surgery = self._live()
-        stuck = [r.target.path for r, p in surgery.patches if not p.mergeable]
+        stuck: dict[type, list[str]] = {}
+        for rewrite, patch in surgery.patches:
+            if not patch.mergeable:
+                stuck.setdefault(method_of(rewrite), []).append(rewrite.target.path)
         if stuck:
-            raise PlanError(f"cannot merge: {', '.join(stuck[:3])} use methods that are not mergeable")
+            raise PlanError("cannot merge: " + "; ".join(
+                f"'{method.verb} {method.name}' ({', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''}) "
+                f"is not mergeable: {method.unmergeable_because}" for method, paths in stuck.items()))
         with transaction(surgery.model, surgery.patches):
             for _, patch in surgery.patches:
                 patch.merge()
@@ -550,9 +560,9 @@ def import_adapterhub(folder: str | Path, model_ref: str, run_dir: str | Path | 
     statement that computes the same thing, applied, with the adapter's weights."""
     folder = Path(folder)
     saved, tensors = read_adapterhub_dir(folder)
-    statement = statement_from_adapterhub(saved)
     named = {adapterhub_name(name, saved["name"]): tensor for name, tensor in tensors.items()}
     model, source = load_model(model_ref, checkpoint=checkpoint)
+    statement = statement_from_adapterhub(saved, list(library_layers(model)))
     text = f"# imported from the AdapterHub adapter '{saved['name']}' in {folder.resolve()}\n{statement}\n"
     job = apply(parse_spec(text, str(folder / "adapter_config.json")), model, source=source)
     try:

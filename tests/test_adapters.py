@@ -312,7 +312,13 @@ def test_an_adapterhub_pickle_or_an_option_surgeon_lacks_is_refused(tmp_path: Pa
     config = json.loads((gated / "adapter_config.json").read_text())
     config["config"]["use_gating"] = True
     (gated / "adapter_config.json").write_text(json.dumps(config))
-    for folder, message in ((pickled, "is a pickle"), (gated, "use_gating=True")):
+    outside = tmp_path / "outside"
+    shutil.copytree(FIXTURES / case["saved_adapter_dir"], outside)
+    config = json.loads((outside / "adapter_config.json").read_text())
+    config["config"]["leave_out"] = [7]  # the model has layers 0 and 1
+    (outside / "adapter_config.json").write_text(json.dumps(config))
+    for folder, message in ((pickled, "is a pickle"), (gated, "use_gating=True"),
+                            (outside, "leave_out [7] is not a list of layer indices of this model (0 to 1)")):
         result = CliRunner().invoke(app, ["import", str(folder), "--model", base, "--out", str(tmp_path / "run")])
         assert result.exit_code == 2 and message in result.output, result.output
         assert not (tmp_path / "run").exists()

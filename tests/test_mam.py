@@ -190,6 +190,9 @@ def test_mam_trains_saves_loads_and_reverts_exactly(tmp_path: Path) -> None:
     assert torch.equal(run(fresh.eval(), batch()), run(model.eval(), batch()))
     job.revert()
     assert_same_model(model, original)
+    assert model.config.__dict__ == original.config.__dict__  # the attention switch is undone too
+    assert all(type(m).forward is type(o).forward and "forward" not in vars(m)
+               for m, o in zip(model.modules(), original.modules()))
 
 
 def test_adapterhub_positions_leave_the_base_positions_and_are_refused_by_peft_export(tmp_path: Path) -> None:

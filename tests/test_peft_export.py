@@ -143,7 +143,7 @@ def test_export_refusal_from_the_cli_writes_nothing(tmp_path):
     assert result.exit_code == 2
     assert "has no PEFT equivalent" in result.output and not (tmp_path / "adapter").exists()
     result = runner.invoke(app, ["export", str(tmp_path / "run"), "--format", "onnx", "--out", str(tmp_path / "a")])
-    assert result.exit_code == 2 and "the only export format is 'peft'" in result.output
+    assert result.exit_code == 2 and "the export formats are 'peft' and 'adapterhub'" in result.output
 
 
 def test_qlora_exports_its_lora_only(tmp_path):

@@ -56,7 +56,8 @@ _ACTIVATIONS = {"relu": nn.ReLU, "swish": nn.SiLU, "silu": nn.SiLU, "gelu": nn.G
 
 class AdapterParams(MethodParams):
     config: Literal["pfeiffer", "houlsby", "parallel"] = Field(
-        "pfeiffer", description="pfeiffer: after the FFN; houlsby: after attention and the FFN; parallel: beside the FFN")
+        "pfeiffer", description="pfeiffer: after the FFN; houlsby: after attention and the FFN; parallel: beside the "
+        "FFN. With 'after PATTERN' / 'beside PATTERN' the placement is the pattern's; config gives the defaults")
     reduction: float | None = Field(None, gt=0, description="hidden size / bottleneck size (16, 16, 2 by config)")
     size: int | None = Field(None, ge=1, description="the bottleneck size itself (instead of reduction)")
     act: Literal["relu", "swish", "silu", "gelu", "tanh"] | None = Field(
@@ -274,7 +275,8 @@ class Adapter(Method):
     places_by_role = True
     unmergeable_because = ("a bottleneck adapter computes up(act(down(x))), which no weight matrix holds; it stays a "
                            "module: load the run with surgeon.load, or export it (surgeon export --format adapterhub)")
-    summary = "bottleneck adapters in each layer's data path (pfeiffer, houlsby, parallel; AdapterHub's math)"
+    summary = ("bottleneck adapters in each layer's data path (pfeiffer, houlsby, parallel; AdapterHub's math), "
+               "or after / beside one attention or FFN block")
 
     @classmethod
     def keeps(cls, target: Target, params: MethodParams) -> bool:
