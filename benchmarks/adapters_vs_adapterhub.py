@@ -307,7 +307,7 @@ def print_tables(figures: dict, variants: dict[tuple[str, str], Variant]) -> Non
     from rich.console import Console
     from rich.table import Table
 
-    med, best, r = figures["median_s"], figures["min_s"], figures["ratios"]
+    med, best = figures["median_s"], figures["min_s"]
     counts = figures["trainable_params"]
     ms = lambda s: f"{s * 1e3:.0f} ms" if s == s else "-"  # noqa: E731
     x = lambda v: f"{v:.2f}x" if v == v else "-"  # noqa: E731

@@ -230,7 +230,7 @@ def _wire_explicit(patch: AdapterPatch, placement: Placement, target: Target) ->
 
 
 def _wire(patch: AdapterPatch, placement: Placement, params: AdapterParams) -> None:
-    layer, kept = patch.layer, patch.captured
+    kept = patch.captured
     output = patch.modules["adapter_output"]
     if params.config == "houlsby":
         _after(patch, placement.attn_out, patch.modules["adapter_attention"])
