@@ -24,19 +24,19 @@ from surgeon import checkpoints
 from surgeon.adapterhub_format import (export_adapterhub, library_layers, read_adapterhub_dir,
                                        statement_from_adapterhub)
 from surgeon.adapterhub_format import surgeon_name as adapterhub_name
-from surgeon.errors import ManifestError, PlanError, RevertError, SurgeonError
+from surgeon.errors import ManifestError, PlanError, RevertError, SurgeonError, did_you_mean
 from surgeon.files import write_dir
 from surgeon.graph import build_module_graph
 from surgeon.language import parse_spec, read_spec_text
 from surgeon.manifest import (ADAPTER_FILE, MANIFEST_FILE, ORIGINALS_DIR, STATE_PREFIX, TRAINED_BASE_PREFIX, Manifest,
                               OriginalsRef, PatchRecord, SourceRef, originals_folder, read_manifest, sha256_file,
                               tensor_record)
-from surgeon.methods.base import ApplyContext
+from surgeon.methods.base import ApplyContext, Patch
 from surgeon.models import (checkpoint_matches, load_model, load_model_skeleton, resolve_device, source_of,
                             stream_checkpoint)
 from surgeon.peft_format import export_peft, fill_from_peft, read_peft_dir, spec_from_peft
 from surgeon.originals import CheckpointOriginals, Originals, SpilledOriginals, originals_for
-from surgeon.planner import LivePatch, Plan, method_of, plan
+from surgeon.planner import LivePatch, Plan, Rewrite, method_of, plan
 from surgeon.progress import working
 from surgeon.revert import check_tensors, revert_surgery
 from surgeon.spec import Spec
@@ -59,6 +59,7 @@ class Job:
         checkpoints.attach(self)
         patches = [patch for _, patch in surgery.patches]
         self._steps = StepDriver(self) if has_per_step_methods(patches) else None
+        self._inactive: set[str] = set()  # named adapters switched off (activate)
 
     @property
     def model(self) -> nn.Module:
@@ -77,6 +78,50 @@ class Job:
             raise SurgeonError("this job was reverted; apply the spec again to patch the model")
         return self._surgery
 
+    def adapter_names(self) -> list[str]:
+        """The adapters the spec named (`... as NAME`), in spec order."""
+        return list(dict.fromkeys(r.label for r, _ in self._live().patches if r.label))
+
+    def active_adapters(self) -> list[str]:
+        return [name for name in self.adapter_names() if name not in self._inactive]
+
+    def activate(self, names: str | list[str] | None) -> None:
+        """Only the named adapters in `names` act (None or []: none of them, so a spec of named
+        statements computes the base model's outputs bit for bit); unnamed statements always act.
+        Switching moves no tensor and re-initialises nothing; `trainable_parameters()` then holds
+        only what is active."""
+        if isinstance(names, dict):
+            raise SurgeonError("a weighted combination of active adapters ({name: weight}) is not supported yet; "
+                               "name the adapters to activate")
+        wanted = [names] if isinstance(names, str) else list(names or [])
+        known = self.adapter_names()
+        for name in wanted:
+            if name not in known:
+                raise SurgeonError(f"no adapter named '{name}' in this job; "
+                                   f"{did_you_mean(name, known) or 'its adapters: ' + (', '.join(known) or 'none')}")
+        surgery = self._live()
+        switched = [(r, p) for r, p in surgery.patches if r.label and (r.label in wanted) == (r.label in self._inactive)]
+        done: list[tuple[Rewrite, Patch]] = []
+        try:
+            for rewrite, patch in switched:
+                patch.set_active(rewrite.label in wanted)
+                done.append((rewrite, patch))
+        except Exception:
+            for rewrite, patch in reversed(done):  # all or nothing
+                patch.set_active(rewrite.label not in wanted)
+            raise
+        self._inactive = set(known) - set(wanted)
+
+    @contextmanager
+    def active(self, names: str | list[str] | None) -> Iterator[nn.Module]:
+        """`with job.active("a"): ...`: only those adapters inside the block, the previous ones after it."""
+        before = self.active_adapters()
+        self.activate(names)
+        try:
+            yield self.model
+        finally:
+            self.activate(before)
+
     def added_tensors(self) -> dict[str, nn.Parameter]:
         """Every tensor the surgery added, by `target.local_name` (merged patches included)."""
         return {f"{rewrite.target.path}.{name}": param
@@ -86,7 +131,7 @@ class Job:
         """Only what the spec made trainable, by name: `torch.optim.AdamW(job.trainable_parameters().values())`."""
         found: dict[str, nn.Parameter] = {}
         for record, (rewrite, patch) in zip(self.manifest.patches, self._live().patches):
-            if record.merged:
+            if record.merged or rewrite.label in self._inactive:
                 continue
             found.update({f"{rewrite.target.path}.{n}": p for n, p in patch.added_parameters().items()})
             found.update(patch.trained_base_parameters())
@@ -260,6 +305,9 @@ class Job:
         """Fold every delta into the base weights; the model becomes plain (with `requantize`,
         quantized layers are quantized again, the delta included). Revert stays exact."""
         surgery = self._live()
+        if self._inactive:
+            raise PlanError(f"adapters {sorted(self._inactive)} are switched off: merge folds every adapter in; "
+                            "activate them all first (job.activate(job.adapter_names())) or revert")
         stuck: dict[type, list[str]] = {}
         for rewrite, patch in surgery.patches:
             if not patch.mergeable:

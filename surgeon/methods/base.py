@@ -114,6 +114,13 @@ class Patch(ABC):
     def merge(self) -> None:
         raise PlanError(f"{type(self).__name__} cannot be merged into the weights")
 
+    def set_active(self, active: bool) -> None:
+        """Switch this patch's change off (the model computes what it computed without it, bit for
+        bit) or on again, keeping every tensor where it is: named adapters (`job.activate`).
+        A patch that changes base tensors in place cannot be switched."""
+        raise PlanError(f"{type(self).__name__} changes the base itself and cannot be switched off; "
+                        "leave its statement unnamed (unnamed statements are always on)")
+
     def requantize(self) -> None:
         """After every patch has merged: store the merged weights in this patch's lossy format
         again (quantizing methods; the others have nothing to do)."""
@@ -261,10 +268,16 @@ class Method(ABC):
 
 @dataclass
 class DropSwitch:
-    """AdapterDrop's handle on one adapter-family module (a bottleneck adapter, a layer's prefix):
-    while `dropped`, the module adds nothing and the layer computes what the base computes."""
+    """The handle on one adapter-family module (a bottleneck adapter, a layer's prefix): while it
+    is `off` the module adds nothing and the layer computes what the base computes. AdapterDrop
+    sets `dropped` (per forward); `job.activate` sets `inactive` (named adapters)."""
 
     dropped: bool = False
+    inactive: bool = False
+
+    @property
+    def off(self) -> bool:
+        return self.dropped or self.inactive
 
 
 DROP_SWITCH = "_surgeon_drop_switch"  # the module attribute (in __dict__) holding its DropSwitch
@@ -357,6 +370,15 @@ class WrapPatch(Patch):
                     self.original._parameters[name] = merged
                 self.merged_into = self.original
         setattr(self.parent, self.attr, self.merged_into)
+
+    def set_active(self, active: bool) -> None:
+        """Off: the original module stands in the parent again (the wrapper is kept, untouched)."""
+        if self.merged_into is not None:
+            raise PlanError(f"{self.attr} is merged into the weights and cannot be switched off; revert to switch")
+        now, wanted = getattr(self.parent, self.attr), self.wrapper if active else self.original
+        if now is not self.wrapper and now is not self.original:
+            raise PlanError(f"{self.attr} is wrapped again by a later patch; switch that one first")
+        setattr(self.parent, self.attr, wanted)
 
     def revert(self) -> None:
         for name, old in self.replaced.items():

@@ -204,6 +204,7 @@ class _ModelState:
 
     def __init__(self, model: nn.Module, tokens: int, positions: str) -> None:
         self.tokens, self.positions, self.count = tokens, positions, 0
+        self.model_modules = [m for m in model.modules() if hasattr(m, "is_causal") and hasattr(m, "config")]
         self.groups: dict[tuple[str, str], _Group] = {}  # (stack, params) -> the MLP group being built
         self.saved: list[tuple[Any, Any]] = []
         for config in _configs(model):
@@ -221,15 +222,25 @@ class _ModelState:
         for config, _ in self.saved:
             config._attn_implementation = _NAME + (config._attn_implementation or "eager")
 
-    def _shift_rotary(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _all_inactive(self) -> bool:
+        """Every prefix of the model switched off (job.activate): positions are the base's again.
+        (AdapterDrop does not count: a dropped layer still sees the shifted positions.)"""
+        layers = [m.__dict__[_LAYER_ATTR] for m in self.model_modules if _LAYER_ATTR in m.__dict__]
+        return bool(layers) and all(layer.switch.inactive for layer in layers)
+
+    def _shift_rotary(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         # real tokens sit at positions P.. after the prefix, as in PEFT (its prefix is in the cache)
+        if self._all_inactive():
+            return None
         if "position_ids" in kwargs:
             kwargs = {**kwargs, "position_ids": kwargs["position_ids"] + self.tokens}
         else:
             args = (args[0], args[1] + self.tokens, *args[2:])
         return args, kwargs
 
-    def _shift_absolute(self, module: nn.Embedding, args: tuple) -> tuple:
+    def _shift_absolute(self, module: nn.Embedding, args: tuple) -> tuple | None:
+        if self._all_inactive():
+            return None
         ids = args[0] + self.tokens
         if ids.numel() and int(ids.max()) >= module.num_embeddings:
             longest = int(args[0].max()) + 1
@@ -275,7 +286,7 @@ def _attention(inner_name: str) -> Callable[..., Any]:
                attention_mask: torch.Tensor | None, *args: Any, **kwargs: Any) -> Any:
         inner = _eager_of(module) if inner_name == "eager" else ALL_ATTENTION_FUNCTIONS[inner_name]
         layer = module.__dict__.get(_LAYER_ATTR)
-        if layer is None or layer.switch.dropped:  # a layer the statement does not target, or AdapterDrop
+        if layer is None or layer.switch.off:  # a layer the statement does not target, AdapterDrop, or inactive
             return inner(module, query, key, value, attention_mask, *args, **kwargs)
         pk, pv = layer.key_value(key)
         kv_len = key.shape[2]
@@ -343,6 +354,9 @@ class PrefixPatch(Patch):
     def added_parameters(self) -> dict[str, nn.Parameter]:
         params = self.layer.module._parameters
         return {name: params[name] for name in self.layer.names}  # type: ignore[misc]
+
+    def set_active(self, active: bool) -> None:
+        self.layer.switch.inactive = not active
 
     def fold(self) -> bool:
         group = self.layer.group

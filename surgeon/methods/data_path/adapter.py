@@ -135,7 +135,7 @@ class Bottleneck(nn.Module):
 
     @property
     def dropped(self) -> bool:
-        return self.__dict__[DROP_SWITCH].dropped
+        return self.__dict__[DROP_SWITCH].off
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up = self.adapter_up(self.adapter_down(x.to(self.adapter_up.weight.dtype)))
@@ -179,6 +179,10 @@ class AdapterPatch(Patch):
 
     def added_parameters(self) -> dict[str, nn.Parameter]:
         return {f"{name}.{n}": p for name, module in self.modules.items() for n, p in module.named_parameters()}
+
+    def set_active(self, active: bool) -> None:
+        for module in self.modules.values():
+            module.__dict__[DROP_SWITCH].inactive = not active
 
     def hook(self, path: str, kind: str, hook: Any) -> None:
         module = self.layer.get_submodule(path) if path else self.layer

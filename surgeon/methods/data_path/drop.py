@@ -31,11 +31,14 @@ class DropParams(MethodParams):
 
 class DropPatch(Patch):
     def __init__(self, layer: nn.Module, switches: list[DropSwitch], rate: float | None) -> None:
-        self.switches, self.rate = switches, rate
+        self.switches, self.rate, self.active = switches, rate, True
         self.handle = layer.register_forward_pre_hook(self._decide)
 
+    def set_active(self, active: bool) -> None:
+        self.active = active  # inactive: the layer's adapters act on every forward
+
     def _decide(self, layer: nn.Module, args: Any) -> None:
-        dropped = self.rate is None or (layer.training and bool(torch.rand(()) < self.rate))
+        dropped = self.active and (self.rate is None or (layer.training and bool(torch.rand(()) < self.rate)))
         for switch in self.switches:
             switch.dropped = dropped
 

@@ -189,6 +189,7 @@ class PromptInputs:
         self.default_task_ids: torch.Tensor | None = None  # MPT: used when a call passes none
         self._pending_task: torch.Tensor | None = None  # seq2seq: from the top-level call to the encoder
         self._input_length = 0  # n of the last injection: later masks get the suffix put back after it
+        self.active = True  # job.activate: an inactive prompt's hooks change nothing
         self.handles: list[RemovableHandle] = []
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             self.handles.append(model.register_forward_pre_hook(self._seq2seq_hook, with_kwargs=True))
@@ -204,7 +205,9 @@ class PromptInputs:
 
     # the hooks
 
-    def _decoder_hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    def _decoder_hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+        if not self.active:
+            return None
         kwargs = _named(module, args, kwargs)
         task_ids = kwargs.pop("task_ids", None)
         past = _cache_length(kwargs.get("cache", kwargs.get("past_key_values")))
@@ -215,7 +218,9 @@ class PromptInputs:
         self._check_positions(kwargs, past)
         return (), kwargs
 
-    def _seq2seq_hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    def _seq2seq_hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+        if not self.active:
+            return None
         kwargs = _named(module, args, kwargs)
         self._pending_task = kwargs.pop("task_ids", None)
         mask = kwargs.get("attention_mask")
@@ -225,7 +230,9 @@ class PromptInputs:
                 kwargs["attention_mask"] = self._around(mask, mask.shape[1], 1, 1)  # cross-attention sees the prompt
         return (), kwargs
 
-    def _encoder_hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    def _encoder_hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+        if not self.active:
+            return None
         kwargs = _named(module, args, kwargs)
         task_ids = kwargs.pop("task_ids", None)
         task_ids = task_ids if task_ids is not None else self._pending_task
@@ -361,6 +368,9 @@ class PromptPatch(Patch):
             else:
                 found.update({f"{name}.{n}": p for n, p in value.named_parameters()})
         return found
+
+    def set_active(self, active: bool) -> None:
+        self.inputs.active = active
 
     def revert(self) -> None:
         self.inputs.remove()

@@ -1,0 +1,116 @@
+"""Named adapters (`... as NAME`) switched on and off with `job.activate`: the outputs equal a model
+that has only the active ones (built apart, with the same weights), bit for bit; all off is the
+base model; switching moves no tensor; revert is exact in every state."""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import pytest
+import torch
+from conftest import assert_same_model, batch, clone, run, tiny_bert, tiny_llama
+
+import surgeon
+from surgeon.errors import PlanError
+
+STATEMENTS = {  # one per seam: weights, data path, attention
+    "q": "inject lora r=4 into *.attn.q as q",
+    "adapter": "inject adapter config=parallel init=bert as adapter",
+    "prefix": "inject prefix tokens=3 into *.attn as prefix",
+}
+
+
+def randomised(job: surgeon.Job) -> dict[str, torch.Tensor]:
+    """Every added tensor drawn at random (LoRA's B starts at zero), by name; the values set."""
+    g = torch.Generator().manual_seed(7)
+    values = {name: torch.randn(p.shape, generator=g) * 0.1 for name, p in job.added_tensors().items()}
+    with torch.no_grad():
+        for name, p in job.added_tensors().items():
+            p.copy_(values[name])
+    return values
+
+
+def only(names: tuple[str, ...], values: dict[str, torch.Tensor], build) -> tuple[torch.nn.Module, set[str]]:
+    """A fresh model with only these statements, holding the same weights; its trainable names."""
+    model = build()
+    if not names:
+        return model, set()
+    job = surgeon.apply("\n".join(STATEMENTS[n] for n in names), model, seed=0)
+    with torch.no_grad():
+        for name, p in job.added_tensors().items():
+            p.copy_(values[name])
+    return model, set(job.trainable_parameters())
+
+
+SUBSETS = [s for k in range(len(STATEMENTS) + 1) for s in combinations(STATEMENTS, k)]
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_bert], ids=["llama", "bert"])
+def test_the_active_adapters_compute_what_a_model_with_only_them_computes(build) -> None:
+    model = build()
+    original = clone(model)
+    ids = batch()
+    job = surgeon.apply("\n".join(STATEMENTS.values()), model, seed=0)
+    values = randomised(job)
+    tensors = {name: p for name, p in job.added_tensors().items()}
+    assert job.adapter_names() == list(STATEMENTS)
+    for subset in SUBSETS:
+        job.activate(list(subset))
+        assert job.active_adapters() == list(subset)
+        alone, trainable = only(subset, values, build)
+        assert torch.equal(run(model, ids), run(alone, ids)), subset
+        assert set(job.trainable_parameters()) == trainable, subset
+    assert all(p is tensors[n] for n, p in job.added_tensors().items())  # nothing reallocated
+    job.activate([])
+    assert torch.equal(run(model, ids), run(original, ids))  # all off: the base, bit for bit
+    job.activate(["q"])
+    job.revert()  # exact from a partly active state
+    assert_same_model(model, original)
+
+
+def test_a_named_prompt_switches_too_and_unnamed_statements_always_act() -> None:
+    model = tiny_llama()
+    ids = batch()
+    job = surgeon.apply("inject prompt tokens=3 into embed as p\ninject lora r=4 into *.attn.v", model, seed=0)
+    values = randomised(job)
+    with job.active([]):
+        alone = tiny_llama()
+        lora = surgeon.apply("inject lora r=4 into *.attn.v", alone, seed=0)
+        with torch.no_grad():
+            for name, p in lora.added_tensors().items():
+                p.copy_(values[name])
+        assert torch.equal(run(model, ids), run(alone, ids))  # the unnamed LoRA still acts
+    assert job.active_adapters() == ["p"]  # back as it was after the block
+    assert not torch.equal(run(model, ids), run(alone, ids))
+
+
+def test_unknown_names_and_switches_that_cannot_be_are_refused_and_change_nothing() -> None:
+    model = tiny_llama()
+    ids = batch()
+    job = surgeon.apply("inject lora r=4 into *.attn.q as a\ntrain bias add=true as b", model, seed=0)
+    randomised(job)
+    before = run(model, ids)
+    with pytest.raises(surgeon.SurgeonError, match="no adapter named 'aa'.*did you mean 'a'"):
+        job.activate("aa")
+    with pytest.raises(PlanError, match="changes the base itself and cannot be switched off"):
+        job.activate([])  # switching a off succeeds first, then b refuses: a is switched back on
+    assert job.active_adapters() == ["a", "b"] and torch.equal(run(model, ids), before)
+    with pytest.raises(surgeon.SurgeonError, match="weighted combination"):
+        job.activate({"a": 0.5, "b": 0.5})
+
+
+def test_merge_needs_every_adapter_on_and_revert_is_exact_after_it() -> None:
+    model = tiny_llama()
+    original = clone(model)
+    ids = batch()
+    job = surgeon.apply("inject lora r=4 into *.attn.q as a\ninject lora r=4 into *.attn.v as b", model, seed=0)
+    randomised(job)
+    job.activate("a")
+    with pytest.raises(PlanError, match=r"adapters \['b'\] are switched off"):
+        job.merge()
+    job.activate(["a", "b"])
+    unmerged = run(model, ids)
+    job.merge()
+    assert (run(model, ids) - unmerged).abs().max() <= 1e-5
+    job.revert()
+    assert_same_model(model, original)
