@@ -9,6 +9,7 @@ from itertools import combinations
 import pytest
 import torch
 from conftest import assert_same_model, batch, clone, run, tiny_bert, tiny_llama
+from safetensors.torch import save_file
 
 import surgeon
 from surgeon.errors import PlanError
@@ -114,3 +115,22 @@ def test_merge_needs_every_adapter_on_and_revert_is_exact_after_it() -> None:
     assert (run(model, ids) - unmerged).abs().max() <= 1e-5
     job.revert()
     assert_same_model(model, original)
+
+
+def test_an_inactive_adapter_stays_in_state_dicts_and_checkpoints(tmp_path) -> None:
+    """Trainer, accelerate and Lightning save what state_dict() holds: an adapter switched off is
+    still in it, and a checkpoint written then loads every adapter."""
+    model = tiny_llama()
+    job = surgeon.apply("inject lora r=4 into *.attn.q as a\ninject adapter init=bert as b", model, seed=0)
+    randomised(job)
+    everything = run(model, batch())
+    job.activate("a")
+    assert set(job.added_tensors()) <= set(model.state_dict())
+    model.save_pretrained(tmp_path / "checkpoint")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "state.safetensors"))
+    fresh = tiny_llama()
+    surgeon.load(tmp_path / "checkpoint", fresh)
+    assert torch.equal(run(fresh, batch()), everything)
+    fresh = tiny_llama()
+    surgeon.load(tmp_path / "state.safetensors", fresh)
+    assert torch.equal(run(fresh, batch()), everything)

@@ -372,13 +372,15 @@ class WrapPatch(Patch):
         setattr(self.parent, self.attr, self.merged_into)
 
     def set_active(self, active: bool) -> None:
-        """Off: the original module stands in the parent again (the wrapper is kept, untouched)."""
+        """Off: the wrapper stays where it is (its tensors stay in the model's state_dict, so every
+        checkpoint holds them) but forwards to the original alone, which computes what it computed
+        before apply."""
         if self.merged_into is not None:
             raise PlanError(f"{self.attr} is merged into the weights and cannot be switched off; revert to switch")
-        now, wanted = getattr(self.parent, self.attr), self.wrapper if active else self.original
-        if now is not self.wrapper and now is not self.original:
-            raise PlanError(f"{self.attr} is wrapped again by a later patch; switch that one first")
-        setattr(self.parent, self.attr, wanted)
+        if active:
+            self.wrapper.__dict__.pop("forward", None)
+        else:
+            self.wrapper.__dict__["forward"] = self.wrapper._modules["base"].__call__
 
     def revert(self) -> None:
         for name, old in self.replaced.items():
