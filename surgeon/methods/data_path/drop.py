@@ -5,9 +5,9 @@
     drop adapters rate=0.5 in layers.[0-5]    # in training, each forward drops them with probability 0.5
 
 What is dropped: every module in the layer that carries a drop switch (`DropSwitch` in
-methods/base.py): bottleneck adapters and a prefix on the layer's attention (MAM), as AdapterHub's
-`skip_layers` drops them all. Without `rate` the layers' adapters are off in training and inference, as AdapterHub's
-`skip_layers` (their outputs, and the gradients, are the base model's: the adapters get none).
+methods/base.py), bottleneck adapters and a prefix on the layer's attention (MAM) alike, as
+AdapterHub's `skip_layers` drops them all. Without `rate` they are off in training and inference
+(the layers' outputs, and the gradients, are the base model's: the adapters get none).
 With `rate=p`, each training forward of a layer drops its adapters with probability p, drawn from
 torch's RNG as dropout is; in eval they always act. Revert (or reverting the adapters) takes it away.
 """
