@@ -93,7 +93,10 @@ class Job:
         if isinstance(names, dict):
             raise SurgeonError("a weighted combination of active adapters ({name: weight}) is not supported yet; "
                                "name the adapters to activate")
-        wanted = [names] if isinstance(names, str) else list(names or [])
+        wanted = [names] if isinstance(names, str) else list(names) if isinstance(names, (list, tuple)) else \
+            [] if names is None else [names]
+        if not all(isinstance(name, str) for name in wanted):
+            raise SurgeonError(f"activate takes an adapter name, a list of names or None, not {names!r}")
         known = self.adapter_names()
         for name in wanted:
             if name not in known:

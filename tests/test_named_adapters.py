@@ -96,6 +96,10 @@ def test_unknown_names_and_switches_that_cannot_be_are_refused_and_change_nothin
     with pytest.raises(PlanError, match="changes the base itself and cannot be switched off"):
         job.activate([])  # switching a off succeeds first, then b refuses: a is switched back on
     assert job.active_adapters() == ["a", "b"] and torch.equal(run(model, ids), before)
+    with pytest.raises(surgeon.SurgeonError, match="an adapter name, a list of names or None, not \\[1\\]"):
+        job.activate([1])
+    with pytest.raises(surgeon.SurgeonError, match="not 7"):
+        job.activate(7)
     with pytest.raises(surgeon.SurgeonError, match="weighted combination"):
         job.activate({"a": 0.5, "b": 0.5})
 

@@ -170,8 +170,8 @@ class AdapterPatch(Patch):
     def __init__(self, owner: nn.Module, layer: nn.Module, modules: dict[str, Bottleneck]) -> None:
         self.owner, self.layer, self.modules, self.handles = owner, layer, modules, []
         self.captured: dict[str, torch.Tensor] = {}
-        for name, module in modules.items():
-            if name in owner._modules or hasattr(owner, name):
+        for name in modules:
+            if hasattr(owner, name):
                 raise SurgeryError(f"{type(owner).__name__} already has '{name}': two adapters at one place "
                                    "(a config form and an explicit one?)")
         for name, module in modules.items():
