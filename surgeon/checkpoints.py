@@ -143,7 +143,7 @@ def whole_model(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def manifest_tensor(job: Job) -> torch.Tensor:
-    text = job.checkpoint_manifest().sealed().model_dump_json()
+    text = job.checkpoint_manifest().sealed_json()
     return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
 
 

@@ -59,7 +59,6 @@ class Job:
         checkpoints.attach(self)
         patches = [patch for _, patch in surgery.patches]
         self._steps = StepDriver(self) if has_per_step_methods(patches) else None
-        self._inactive: set[str] = set()  # named adapters switched off (activate)
 
     @property
     def model(self) -> nn.Module:
@@ -81,6 +80,10 @@ class Job:
     def adapter_names(self) -> list[str]:
         """The adapters the spec named (`... as NAME`), in spec order."""
         return list(dict.fromkeys(r.label for r, _ in self._live().patches if r.label))
+
+    @property
+    def _inactive(self) -> set[str]:
+        return set(self.manifest.inactive)
 
     def active_adapters(self) -> list[str]:
         return [name for name in self.adapter_names() if name not in self._inactive]
@@ -113,7 +116,7 @@ class Job:
             for rewrite, patch in reversed(done):  # all or nothing
                 patch.set_active(rewrite.label not in wanted)
             raise
-        self._inactive = set(known) - set(wanted)
+        surgery.manifest = self.manifest.model_copy(update={"inactive": sorted(set(known) - set(wanted))})
 
     @contextmanager
     def active(self, names: str | list[str] | None) -> Iterator[nn.Module]:
@@ -510,6 +513,7 @@ def load(run_dir: str | Path, model: nn.Module, *, originals_from: str | Path | 
             if record.folded:  # the run holds the folded tensors: fold before filling them in
                 patch.fold()
         (_fill_live if live_names else _fill)(job, tensors)
+        _switch_off(job, manifest, run_dir)
     except BaseException:
         job.revert()
         raise
@@ -520,6 +524,19 @@ def load(run_dir: str | Path, model: nn.Module, *, originals_from: str | Path | 
         if record.merged:
             patch.merge()
     return job
+
+
+def _switch_off(job: Job, manifest: Manifest, run_dir: Path) -> None:
+    """The named adapters the run was saved with switched off, switched off again."""
+    if not manifest.inactive:
+        return
+    names = job.adapter_names()
+    unknown = sorted(set(manifest.inactive) - set(names))
+    if unknown:
+        raise ManifestError(f"{run_dir}: the manifest switches off {unknown}, which are no adapters of its spec")
+    if any(record.merged for record in manifest.patches):
+        raise ManifestError(f"{run_dir}: the manifest records merged patches and switched-off adapters at once")
+    job.activate([name for name in names if name not in manifest.inactive])
 
 
 def _read_run(path: Path) -> tuple[Manifest, dict[str, torch.Tensor], bool]:

@@ -101,6 +101,7 @@ class Manifest(BaseModel):
     patches: list[PatchRecord]
     originals: OriginalsRef = Field(default_factory=OriginalsRef)
     adapter_sha256: str | None = None
+    inactive: list[str] = Field(default_factory=list)  # named adapters switched off (job.activate)
     checksum_kind: Literal["sha256", "hmac-sha256"] = "sha256"
     checksum: str | None = None
 
@@ -110,8 +111,17 @@ class Manifest(BaseModel):
         unsealed = self.model_copy(update={"checksum_kind": kind})
         return unsealed.model_copy(update={"checksum": _digest(unsealed, key)})
 
+    def sealed_json(self, indent: int | None = None) -> str:
+        """The sealed manifest as written: an empty `inactive` is left out, as the checksum leaves it
+        out, so runs written before it existed read and check as before."""
+        return self.sealed().model_dump_json(indent=indent, exclude=_left_out(self))
+
     def write(self, run_dir: Path) -> None:
-        (run_dir / MANIFEST_FILE).write_text(self.sealed().model_dump_json(indent=2) + "\n")
+        (run_dir / MANIFEST_FILE).write_text(self.sealed_json(indent=2) + "\n")
+
+
+def _left_out(manifest: Manifest) -> set[str]:
+    return set() if manifest.inactive else {"inactive"}
 
 
 def _run_key() -> bytes | None:
@@ -120,7 +130,8 @@ def _run_key() -> bytes | None:
 
 
 def _digest(manifest: Manifest, key: bytes | None) -> str:
-    body = json.dumps(manifest.model_dump(mode="json", exclude={"checksum"}), sort_keys=True).encode()
+    body = json.dumps(manifest.model_dump(mode="json", exclude={"checksum"} | _left_out(manifest)),
+                      sort_keys=True).encode()
     if key is not None:
         return hmac.new(key, body, hashlib.sha256).hexdigest()
     return hashlib.sha256(body).hexdigest()

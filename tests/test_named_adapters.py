@@ -121,20 +121,42 @@ def test_merge_needs_every_adapter_on_and_revert_is_exact_after_it() -> None:
     assert_same_model(model, original)
 
 
-def test_an_inactive_adapter_stays_in_state_dicts_and_checkpoints(tmp_path) -> None:
+def test_an_inactive_adapter_stays_in_state_dicts_and_checkpoints_and_loads_inactive(tmp_path) -> None:
     """Trainer, accelerate and Lightning save what state_dict() holds: an adapter switched off is
-    still in it, and a checkpoint written then loads every adapter."""
+    still in it; a run or checkpoint written then loads every adapter, the same ones switched off."""
     model = tiny_llama()
     job = surgeon.apply("inject lora r=4 into *.attn.q as a\ninject adapter init=bert as b", model, seed=0)
     randomised(job)
     everything = run(model, batch())
     job.activate("a")
+    only_a = run(model, batch())
     assert set(job.added_tensors()) <= set(model.state_dict())
+    job.save(tmp_path / "run")
     model.save_pretrained(tmp_path / "checkpoint")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "state.safetensors"))
+    for saved in ("run", "checkpoint", "state.safetensors"):
+        fresh = tiny_llama()
+        loaded = surgeon.load(tmp_path / saved, fresh)
+        assert loaded.active_adapters() == ["a"], saved
+        assert torch.equal(run(fresh, batch()), only_a), saved
+        loaded.activate(["a", "b"])
+        assert torch.equal(run(fresh, batch()), everything), saved
+
+
+def test_a_run_that_switches_off_what_its_spec_does_not_name_is_refused(tmp_path) -> None:
+    import hashlib
+    import json
+
+    model = tiny_llama()
+    job = surgeon.apply("inject lora r=4 into *.attn.q as a", model, seed=0)
+    job.save(tmp_path / "run")
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    manifest["inactive"] = ["z"]
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    manifest["checksum"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps(manifest))
     fresh = tiny_llama()
-    surgeon.load(tmp_path / "checkpoint", fresh)
-    assert torch.equal(run(fresh, batch()), everything)
-    fresh = tiny_llama()
-    surgeon.load(tmp_path / "state.safetensors", fresh)
-    assert torch.equal(run(fresh, batch()), everything)
+    original = clone(fresh)
+    with pytest.raises(surgeon.SurgeonError, match=r"switches off \['z'\], which are no adapters of its spec"):
+        surgeon.load(tmp_path / "run", fresh)
+    assert_same_model(fresh, original)
