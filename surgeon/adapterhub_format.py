@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from surgeon.errors import ExportError
-from surgeon.methods.data_path.adapter import AdapterParams, settings
+from surgeon.methods.data_path.adapter import AdapterParams, settings, site_of
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -279,7 +279,7 @@ def library_name(model: nn.Module, layer_path: str, local: str, name: str) -> st
     (the inverse of `surgeon_name`)."""
     site, _, rest = local.partition(".")
     layer = model.get_submodule(layer_path)
-    where = _LIBRARY_SITES[type(layer).__name__][_SURGEON_SITES[site]]
+    where = _LIBRARY_SITES[type(layer).__name__][_SURGEON_SITES[site_of(site)]]
     ff = str(len(layer.layer) - 1) if "layer" in layer._modules else ""
     return f"{layer_path}.{where.format(ff=ff)}.{name}.{rest}"
 

@@ -35,6 +35,7 @@ from torch import nn
 
 from surgeon.errors import ManifestError, SurgeonError
 from surgeon.manifest import MANIFEST_FILE, Manifest, parse_manifest
+from surgeon.seam import ModelSeam
 
 if TYPE_CHECKING:
     from surgeon.job import Job
@@ -48,19 +49,19 @@ SEAM_ATTR = "_surgeon_checkpoint_seam"
 RUN_KEY = "surgeon::manifest"
 
 
-class CheckpointSeam:
+class CheckpointSeam(ModelSeam):
     """The hooks and the `save_pretrained` override on one model, shared by its live jobs."""
 
+    attr = SEAM_ATTR
+
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.live: list[Job] = []  # the model keeps its jobs, as a PeftModel keeps its adapters
+        super().__init__(model)
         self.saving_whole = 0  # inside `whole_model(model)`
         # partials, not bound methods: torch marks the hooks it is given with an attribute
         self.handles = [model.register_state_dict_post_hook(partial(CheckpointSeam._keep_run_tensors, self)),
                         model.register_load_state_dict_post_hook(partial(CheckpointSeam._forgive_frozen, self))]
         if callable(getattr(model, "save_pretrained", None)):
             model.__dict__["save_pretrained"] = self.save_pretrained
-        model.__dict__[SEAM_ATTR] = self
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CheckpointSeam:
         """A deep copy of a patched model (TRL's reference model) carries no live job: it saves
@@ -74,7 +75,7 @@ class CheckpointSeam:
         for handle in self.handles:
             handle.remove()
         self.model.__dict__.pop("save_pretrained", None)
-        self.model.__dict__.pop(SEAM_ATTR, None)
+        super().remove()
 
     def run_tensor_names(self) -> set[str]:
         """Live state-dict names of what the runs hold: added and trained tensors, and anything
@@ -175,23 +176,6 @@ def _local(key: str, names: set[str]) -> str | None:
         if "." not in key:
             return None
         key = key.partition(".")[2]
-
-
-def attach(job: Job) -> None:
-    """Put the seam on the job's model (unless an earlier live job did) and enlist the job."""
-    seam = job.model.__dict__.get(SEAM_ATTR)
-    if not isinstance(seam, CheckpointSeam) or seam.model is not job.model:
-        seam = CheckpointSeam(job.model)
-    seam.live.append(job)
-
-
-def detach(job: Job) -> None:
-    """The job was reverted: it leaves the seam, and the seam leaves the model with its last job."""
-    seam = job.model.__dict__.get(SEAM_ATTR)
-    if isinstance(seam, CheckpointSeam):
-        seam.live[:] = [j for j in seam.live if j is not job]
-        if not seam.live:
-            seam.remove()
 
 
 def save_checkpoint(job: Job, folder: Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:

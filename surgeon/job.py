@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from surgeon import checkpoints
+from surgeon import checkpoints, mixed_batch
 from surgeon.adapterhub_format import (export_adapterhub, library_layers, read_adapterhub_dir,
                                        statement_from_adapterhub)
 from surgeon.adapterhub_format import surgeon_name as adapterhub_name
@@ -56,7 +56,9 @@ class Job:
         # revert, when the job is garbage-collected, or at exit (`save` copies it into the run)
         self._scratch = weakref.finalize(self, shutil.rmtree, str(scratch), True) if scratch else None
         _LIVE.setdefault(surgery.model, []).append(weakref.ref(self))
-        checkpoints.attach(self)
+        checkpoints.CheckpointSeam.enlist(self)
+        if self.adapter_names():
+            mixed_batch.MixedBatchSeam.enlist(self)
         patches = [patch for _, patch in surgery.patches]
         self._steps = StepDriver(self) if has_per_step_methods(patches) else None
 
@@ -129,8 +131,9 @@ class Job:
             self.activate(before)
 
     def added_tensors(self) -> dict[str, nn.Parameter]:
-        """Every tensor the surgery added, by `target.local_name` (merged patches included)."""
-        return {f"{rewrite.target.path}.{name}": param
+        """Every tensor the surgery added, by `target.local_name` (`target[NAME].local_name` for a
+        named adapter), merged patches included."""
+        return {rewrite.key(name): param
                 for rewrite, patch in self._live().patches for name, param in patch.added_parameters().items()}
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
@@ -139,7 +142,7 @@ class Job:
         for record, (rewrite, patch) in zip(self.manifest.patches, self._live().patches):
             if record.merged or rewrite.label in self._inactive:
                 continue
-            found.update({f"{rewrite.target.path}.{n}": p for n, p in patch.added_parameters().items()})
+            found.update({rewrite.key(n): p for n, p in patch.added_parameters().items()})
             found.update(patch.trained_base_parameters())
         return found
 
@@ -357,7 +360,8 @@ class Job:
                               "job first: jobs on one model revert in the reverse order of their applies")
         model = revert_surgery(surgery)
         self._reverted = True
-        checkpoints.detach(self)
+        checkpoints.CheckpointSeam.leave(self)
+        mixed_batch.MixedBatchSeam.leave(self)
         if self._steps is not None:
             self._steps.remove()
         _LIVE[surgery.model] = [ref for ref in _LIVE[surgery.model] if ref() not in (None, self)]

@@ -40,6 +40,11 @@ class Rewrite(BaseModel):
     bytes_before: int = 0  # the target's own tensors, before and after (quantization shrinks them)
     bytes_after: int = 0
 
+    def key(self, local: str) -> str:
+        """The run's name for one of this rewrite's tensors: `path.local`, or `path[NAME].local` for
+        a named adapter, so several adapters on one module keep their tensors apart."""
+        return f"{self.target.path}[{self.label}].{local}" if self.label else f"{self.target.path}.{local}"
+
     @property
     def added_count(self) -> int:
         return sum(math.prod(shape) for shape in self.added.values())
@@ -77,12 +82,14 @@ class LivePatch:
     verb: str
     method: str
     statement: str  # the spec line that made it, for messages
+    label: str | None = None
 
     @classmethod
     def of(cls, rewrite: Rewrite, spec: Spec) -> LivePatch:
         lines = spec.text.split("\n")  # lines as Lark counts them (see SpecError.render)
         line = lines[rewrite.location.line - 1].strip() if 0 < rewrite.location.line <= len(lines) else ""
-        return cls(rewrite.target.path, rewrite.verb, rewrite.method, line or f"{rewrite.verb} {rewrite.method}")
+        return cls(rewrite.target.path, rewrite.verb, rewrite.method, line or f"{rewrite.verb} {rewrite.method}",
+                   rewrite.label)
 
 
 def method_of(rewrite: Rewrite | LivePatch) -> type[Method]:
@@ -270,7 +277,7 @@ class _Planner:
         return {path: slices for path, slices in chosen.items() if path in kept}
 
     def target(self, info: ModuleInfo, slices: set[str | None], method: type[Method],
-               preposition: str | None = None) -> Target:
+               preposition: str | None = None, label: str | None = None) -> Target:
         weight = info.params.get("weight")
         whole = None in slices
         if not whole and not method.takes_slices:
@@ -291,6 +298,7 @@ class _Planner:
             kv_dim=self.kv_width(info),
             hidden_size=getattr(self.graph.config, "hidden_size", None),
             preposition=preposition,
+            label=label,
         )
 
     def kv_width(self, info: ModuleInfo) -> int | None:
@@ -320,7 +328,7 @@ class _Planner:
         for path, slices in chosen.items():
             info = self.graph.modules[path]
             try:
-                target = self.target(info, slices, method, named_by.get(path))
+                target = self.target(info, slices, method, named_by.get(path), statement.name)
             except PlanError as problem:
                 raise self.error(str(problem), statement.location) from None
             if lenient and not method.keeps(target, params):
@@ -366,6 +374,8 @@ class _Planner:
                     if a >= b:
                         continue
                     first, second = rewrites[a], rewrites[b]
+                    if _side_by_side(first, second):  # named adapters on one module: in spec order
+                        dag.add_edge(a, b)
                     if first.method in method_of(second).stacks_on:
                         dag.add_edge(a, b)
                     if second.method in method_of(first).stacks_on:
@@ -379,8 +389,7 @@ class _Planner:
                         raise self.error(
                             f"{path} is targeted twice: by '{first.verb} {first.method}' "
                             f"(line {first.location.line}) and '{second.verb} {second.method}' "
-                            f"(line {second.location.line})", second.location,
-                            "one rewrite per module: merge the statements (e.g. into *.attn.<q,v>) or add 'except'")
+                            f"(line {second.location.line})", second.location, _twice_hint(first, second))
         if not nx.is_directed_acyclic_graph(dag):
             cycle = nx.find_cycle(dag)
             raise self.error("rewrites depend on each other in a cycle: " +
@@ -418,11 +427,25 @@ class _Planner:
                         "revert that job first, or keep one of them")
         for rewrite in rewrites:
             for old in on_path.get(rewrite.target.path, []):
+                if old.label != rewrite.label and method_of(rewrite).shares_modules and method_of(old).shares_modules:
+                    continue  # a named adapter beside the live job's
                 reason = _live_conflict(method_of(rewrite), method_of(old))
                 if reason:
                     raise self.error(f"{rewrite.target.path} is already patched by a live job ('{old.statement}'); "
                                      f"{reason}", rewrite.location, "revert that job first, or leave this module "
                                      "out with 'except'")
+
+
+def _side_by_side(first: Rewrite, second: Rewrite) -> bool:
+    """Two adapters of different names, both of methods that share modules (`shares_modules`)."""
+    return first.label != second.label and method_of(first).shares_modules and method_of(second).shares_modules
+
+
+def _twice_hint(first: Rewrite, second: Rewrite) -> str:
+    if first.label == second.label and method_of(first).shares_modules and method_of(second).shares_modules:
+        said = f"both are named '{first.label}'" if first.label else "name them"
+        return f"{said}: adapters of different names ('as NAME') may share modules; or merge the statements"
+    return "one rewrite per module: merge the statements (e.g. into *.attn.<q,v>) or add 'except'"
 
 
 def _live_conflict(new: type[Method], old: type[Method]) -> str | None:
@@ -435,7 +458,8 @@ def _live_conflict(new: type[Method], old: type[Method]) -> str | None:
     if refusal:
         return f"'{_said(new)}' cannot stack on '{_said(old)}': {refusal}"
     if new is old and new.verb == "inject":
-        return "several adapters on one module are not supported yet (they come with named adapters and composition)"
+        return ("its adapter has the new one's name, or neither is named: give the new statement a name of "
+                "its own ('as NAME') to keep both side by side")
     if new is old:
         return f"'{_said(new)}' already acts on it"
     if new.name in old.stacks_on:

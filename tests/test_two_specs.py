@@ -149,8 +149,8 @@ def test_wrapper_internals_match_no_pattern() -> None:
 
 REFUSED = [
     (Q_V, "inject lora r=2 into *.attn.q",
-     ["model.layers.0.self_attn.q_proj is already patched by a live job ('inject lora r=4 into *.attn.<q,v>'); "
-      "several adapters on one module are not supported yet"]),
+     ["model.layers.0.self_attn.q_proj is already patched by a live job ('inject lora r=4 into *.attn.<q,v>'); ",
+      "neither is named: give the new statement a name of its own ('as NAME') to keep both side by side"]),
     (Q_V, "inject dora r=2 into *.attn.v", ["v_proj is already patched by a live job", "'inject dora' does not "
                                             "stack on 'inject lora'"]),
     (Q_V, "quantize base nf4", ["q_proj is already patched by a live job ('inject lora r=4 into *.attn.<q,v>'); "

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from surgeon.errors import ExportError, PlanError
+from surgeon.graph import unwrap, wrapped
 from surgeon.manifest import TensorRecord
 from surgeon.originals import Originals
 from surgeon.spec import Word
@@ -67,6 +68,7 @@ class Target(BaseModel):
     kv_dim: int | None = None  # an attention module's key (= value) width: its k projection's outputs
     hidden_size: int | None = None  # the model's hidden width (what a module in the data path maps)
     preposition: str | None = None  # the clause that named it: `after *.mlp` places an adapter after the FFN
+    label: str | None = None  # the named adapter (`... as NAME`) the rewrite belongs to
 
 
 @dataclass
@@ -165,6 +167,11 @@ class Method(ABC):
     # placed by role (an adapter after `*.mlp`): of matched modules sharing one role path, the
     # planner keeps the last (BERT's FFN output, not its `intermediate` half)
     places_by_role: ClassVar[bool] = False
+    # several named adapters of such methods may sit on one module (`inject lora ... as a` and `... as b`
+    # on the same q): each only calls what it wraps, or hooks the module, so they stack in spec order
+    shares_modules: ClassVar[bool] = False
+    # a named adapter of it computes on the rows of a mixed batch that name it alone (adapter_names=)
+    routes_rows: ClassVar[bool] = False
     refuses_stack: ClassVar[dict[str, str]] = {}  # method -> why this one cannot share a module with it
     # model-wide things this method takes over ("inputs": what the model sees before the first layer;
     # "attention": the attention function). Two statements that claim the same thing are rejected.
@@ -308,8 +315,7 @@ def parameter_name(model: nn.Module, param: nn.Parameter, default: str) -> str:
 
 
 def _original_parameters(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Parameter]]:
-    base = module._modules.get("base")
-    if base is not None and type(module).__module__.startswith("surgeon."):  # a wrapper: its original
+    if (base := wrapped(module)) is not None:  # its original
         yield from _original_parameters(base, prefix)
         return
     for local, param in module._parameters.items():
@@ -334,42 +340,74 @@ def registry() -> dict[tuple[str, str], type[Method]]:
     return _REGISTRY
 
 
+class WrapsLayer:
+    """For a wrapper module: the wrapped layer's `weight`, which model code reads off the module it
+    calls (T5's feed-forward checks `wo.weight.dtype`), as PEFT's layers let it."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return unwrap(self.base).weight  # type: ignore[attr-defined]
+
+
 class WrapPatch(Patch):
     """The wrap seam: `wrapper` stands where `original` stood; revert puts the very object back.
 
     Wrappers provide `delta_weights()` (parameter name of the original -> delta) to be mergeable.
     A merge replaces the original's parameters with new ones and keeps the old objects, so revert
     after merge is still exact (no subtraction, no rounding).
+
+    Named adapters on one module nest (the later wraps the earlier), so a patch finds its wrapper
+    where it stands now (`slot`), and merges into the module under every wrapper (`unwrap`).
+    Patches are reverted in reverse order, so each finds its wrapper back where it put it.
     """
 
     def __init__(self, parent: nn.Module, attr: str, original: nn.Module, wrapper: nn.Module) -> None:
         self.parent, self.attr, self.original, self.wrapper = parent, attr, original, wrapper
         self.replaced: dict[str, nn.Parameter] = {}
         self.merged_into: nn.Module | None = None
+        self.merged_slot: tuple[nn.Module, str] | None = None
         self.mergeable = hasattr(wrapper, "delta_weights")
         setattr(parent, attr, wrapper)
 
     def added_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.wrapper.named_parameters() if not n.startswith("base.")}
 
+    def slot(self) -> tuple[nn.Module, str] | None:
+        """(module, attribute) holding this patch's wrapper now: the parent's attribute, or the
+        `base` of a wrapper stacked on it later; None once a merge took it out."""
+        holder, attr = self.parent, self.attr
+        while (current := getattr(holder, attr)) is not self.wrapper:
+            if wrapped(current) is None:
+                return None
+            holder, attr = current, "base"
+        return holder, attr
+
     def merge(self) -> None:
         if not self.mergeable:
             super().merge()
         if self.merged_into is not None:
             return
+        slot = self.slot()
+        if slot is None:
+            raise PlanError(f"the wrapper of {self.attr} is no longer in the model")
         with torch.no_grad():
             deltas = self.wrapper.delta_weights()
-            if hasattr(self.original, "merged_with"):  # a patched base (quantized) folds it itself
-                self.merged_into = self.original.merged_with(deltas)
+            below = self.wrapper._modules["base"]
+            target = unwrap(below)
+            if hasattr(target, "merged_with"):  # a patched base (quantized) folds it itself
+                if target is not below:
+                    raise PlanError(f"{self.attr}: a quantized layer under several named adapters cannot be merged")
+                self.merged_into = target.merged_with(deltas)
             else:
                 for name, delta in deltas.items():
-                    old = self.original._parameters[name]
+                    old = target._parameters[name]
                     self.replaced[name] = old
                     merged = nn.Parameter((old + delta.to(old.dtype)), requires_grad=old.requires_grad)
                     merged._surgeon_merged = True  # type: ignore[attr-defined]
-                    self.original._parameters[name] = merged
-                self.merged_into = self.original
-        setattr(self.parent, self.attr, self.merged_into)
+                    target._parameters[name] = merged
+                self.merged_into = below
+        self.merged_slot = slot
+        setattr(*slot, self.merged_into)
 
     def set_active(self, active: bool) -> None:
         """Off: the wrapper stays where it is (its tensors stay in the model's state_dict, so every
@@ -383,8 +421,11 @@ class WrapPatch(Patch):
             self.wrapper.__dict__["forward"] = self.wrapper._modules["base"].__call__
 
     def revert(self) -> None:
+        target = unwrap(self.original)
         for name, old in self.replaced.items():
-            self.original._parameters[name] = old
+            target._parameters[name] = old
         self.replaced = {}
-        self.merged_into = None
-        setattr(self.parent, self.attr, self.original)
+        slot = self.slot() or self.merged_slot  # merged: where the merged module stands
+        self.merged_into, self.merged_slot = None, None
+        if slot is not None:
+            setattr(*slot, self.original)

@@ -44,6 +44,7 @@ from torch import nn
 
 from surgeon.errors import SurgeryError
 from surgeon.methods._rng import draw
+from surgeon.methods.rows import routed_rows
 from surgeon.methods.base import DROP_SWITCH, ApplyContext, DropSwitch, Method, MethodParams, Patch, Target, register
 
 _DEFAULTS = {  # config -> (reduction, activation, scale), AdapterHub's SeqBn/DoubleSeqBn/ParBn configs
@@ -117,16 +118,27 @@ _EXPLICIT = ("after", "beside")  # the prepositions that place an adapter on one
 
 
 def _sites(target: Target, params: AdapterParams) -> tuple[str, ...]:
+    """The adapter modules' names on their owner; a named adapter's carry its name
+    (`adapter_output[nli]`), so several stand side by side at one place."""
     if target.preposition in _EXPLICIT:
-        return ("adapter",)
-    return ("adapter_attention", "adapter_output") if params.config == "houlsby" else ("adapter_output",)
+        sites: tuple[str, ...] = ("adapter",)
+    else:
+        sites = ("adapter_attention", "adapter_output") if params.config == "houlsby" else ("adapter_output",)
+    return tuple(f"{site}[{target.label}]" for site in sites) if target.label else sites
+
+
+def site_of(module_name: str) -> str:
+    """`adapter_output[nli]` -> `adapter_output`: where a (named) adapter module acts."""
+    return module_name.partition("[")[0]
 
 
 class Bottleneck(nn.Module):
     """A(x) = up(act(down(x))) * scale, named as AdapterHub names it."""
 
-    def __init__(self, hidden: int, size: int, act: str, scale: float, like: torch.Tensor) -> None:
+    def __init__(self, hidden: int, size: int, act: str, scale: float, like: torch.Tensor,
+                 label: str | None = None) -> None:
         super().__init__()
+        self.label = label  # the named adapter it belongs to: which rows of a mixed batch it serves
         self.adapter_down = nn.Sequential(nn.Linear(hidden, size), _ACTIVATIONS[act]())
         self.adapter_up = nn.Linear(size, hidden)
         self.scale = scale
@@ -138,8 +150,12 @@ class Bottleneck(nn.Module):
         return self.__dict__[DROP_SWITCH].off
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        up = self.adapter_up(self.adapter_down(x.to(self.adapter_up.weight.dtype)))
-        return (up * self.scale if self.scale != 1.0 else up).to(x.dtype)
+        """A(x); in a mixed batch, zero on the rows that do not name this adapter."""
+        rows = routed_rows(self.label, x)
+        h = x if rows is None else x[rows]
+        up = self.adapter_up(self.adapter_down(h.to(self.adapter_up.weight.dtype)))
+        up = (up * self.scale if self.scale != 1.0 else up).to(x.dtype)
+        return up if rows is None else torch.zeros_like(x).index_copy(0, rows, up)
 
     def initialise(self, init: str, generator: torch.Generator | None) -> None:
         down, up = self.adapter_down[0], self.adapter_up
@@ -223,7 +239,7 @@ def _beside(patch: AdapterPatch, source: tuple[str, int], path: str, adapter: Bo
 
 
 def _wire_explicit(patch: AdapterPatch, placement: Placement, target: Target) -> None:
-    adapter = patch.modules["adapter"]
+    (adapter,) = patch.modules.values()
     attention = target.role == "attn"
     out = placement.attn_out if attention else placement.ffn_out
     if target.preposition == "after":
@@ -235,23 +251,24 @@ def _wire_explicit(patch: AdapterPatch, placement: Placement, target: Target) ->
 
 def _wire(patch: AdapterPatch, placement: Placement, params: AdapterParams) -> None:
     kept = patch.captured
-    output = patch.modules["adapter_output"]
+    at = {site_of(name): module for name, module in patch.modules.items()}
+    output = at["adapter_output"]
     if params.config == "houlsby":
-        _after(patch, placement.attn_out, patch.modules["adapter_attention"])
+        _after(patch, placement.attn_out, at["adapter_attention"])
         _after(patch, placement.ffn_out, output)
     elif params.config == "parallel":
         _beside(patch, (placement.ffn_in, placement.ffn_in_arg), placement.ffn_out, output)
     elif placement.ffn_norm is None:  # pfeiffer, pre-norm: on the block's output z = r + h
         _after(patch, placement.ffn_block, output)
     else:  # pfeiffer, post-norm: z = LN(h + r), then LN(A(z) + h + r) with the same norm
-        patch.hook(placement.ffn_in, "pre", _keep(kept, "r", placement.ffn_in_arg))
-        patch.hook(placement.ffn_out, "post", lambda m, a, out: kept.__setitem__("h", out))
+        # h + r is the norm's own input, so what other adapters added to h (houlsby's) stays in it
+        patch.hook(placement.ffn_norm, "pre", _keep(kept, "h+r", 0))
 
         def again(norm: nn.Module, args: tuple, z: torch.Tensor) -> torch.Tensor | None:
-            h, r = kept.pop("h"), kept.pop("r")
+            h_plus_r = kept.pop("h+r")
             if output.dropped:
                 return None
-            return F.layer_norm(output(z) + h + r, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+            return F.layer_norm(output(z) + h_plus_r, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
         patch.hook(placement.ffn_norm, "post", again)
 
@@ -277,6 +294,8 @@ class Adapter(Method):
     kinds = frozenset({"container"})
     default_target = "layers.*"
     places_by_role = True
+    shares_modules = True
+    routes_rows = True
     unmergeable_because = ("a bottleneck adapter computes up(act(down(x))), which no weight matrix holds; it stays a "
                            "module: load the run with surgeon.load, or export it (surgeon export --format adapterhub)")
     summary = ("bottleneck adapters in each layer's data path (pfeiffer, houlsby, parallel; AdapterHub's math), "
@@ -324,7 +343,7 @@ class Adapter(Method):
         layer = _layer_of(model, target) if target.preposition in _EXPLICIT else owner
         _, act, scale = settings(params)
         like = next(owner.parameters())
-        modules = {site: Bottleneck(target.hidden_size, bottleneck_size(target, params), act, scale, like)
+        modules = {site: Bottleneck(target.hidden_size, bottleneck_size(target, params), act, scale, like, target.label)
                    for site in _sites(target, params)}
         if ctx.init:
             for module in modules.values():

@@ -128,6 +128,8 @@ class Dora(Lora):
     kinds = frozenset({"linear", "conv1d"})
     takes_slices = True
     stacks_on = frozenset({"quantize"})
+    shares_modules = False  # its magnitude is taken of the weight it wraps, which must be the layer's own
+    routes_rows = False
     mergeable = True
     summary = "LoRA on the direction of the weight, with a learned magnitude per output (Liu et al. 2024)"
     peft_type = "LORA"

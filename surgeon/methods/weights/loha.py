@@ -28,8 +28,10 @@ from torch import nn
 
 from surgeon.errors import ExportError
 from surgeon.methods._rng import draw
-from surgeon.methods.base import ApplyContext, Method, MethodParams, Patch, Target, WrapPatch, locate, register
+from surgeon.methods.base import (ApplyContext, Method, MethodParams, Patch, Target, WrapPatch, WrapsLayer, locate,
+                                  register)
 from surgeon.methods.weights.lora import compute_dtype_device, own_dtype
+from surgeon.methods.rows import add_on_rows, routed_rows
 
 
 class LohaParams(MethodParams):
@@ -53,7 +55,7 @@ def part_spans(target: Target) -> dict[str, tuple[int, int]]:
     return {f"_{name}": span for name, span in target.slices.items()}
 
 
-class FactoredDelta(nn.Module):
+class FactoredDelta(WrapsLayer, nn.Module):
     """A frozen nn.Linear / Conv1D (or a quantized one) plus a delta weight built from small factors.
 
     Each part (the whole layer, or each slice of a fused projection) has its own factors; rows
@@ -67,6 +69,7 @@ class FactoredDelta(nn.Module):
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.base = base
+        self.label = target.label  # the named adapter it belongs to: which rows of a mixed batch it serves
         self.transposed = target.kind == "conv1d"  # Conv1D stores its weight as (d_in, d_out)
         assert target.in_features is not None and target.out_features is not None
         self.in_features, self.out_features = target.in_features, target.out_features
@@ -115,13 +118,11 @@ class FactoredDelta(nn.Module):
         # too keeps a seeded run's random stream, and so every later dropout mask, equal to PEFT's
         if self.training and not bool(torch.rand(1) > self.module_dropout):
             return out
-        h = x.to(self.dtype)
+        rows = routed_rows(self.label, x)
+        h = (x if rows is None else x[rows]).to(self.dtype)
         for suffix, (start, stop) in self.parts.items():
             y = self._rank_dropped(self.part_output(h, suffix), stop - start).to(out.dtype)
-            if self.sliced:
-                out[..., start:stop] += y
-            else:
-                out = out + y
+            out = add_on_rows(out, rows, y, span=(start, stop) if self.sliced else None)
         return out
 
     def _rank_dropped(self, y: torch.Tensor, rows: int) -> torch.Tensor:
@@ -246,6 +247,8 @@ class Loha(Method):
     kinds = frozenset({"linear", "conv1d"})
     takes_slices = True
     stacks_on = frozenset({"quantize"})
+    shares_modules = True
+    routes_rows = True
     mergeable = True
     summary = "Hadamard product of two low-rank updates, rank up to r^2 (LoHa / FedPara, Hyeon-Woo et al. 2022)"
     peft_type = "LOHA"

@@ -155,6 +155,8 @@ class Lokr(Method):
     kinds = frozenset({"linear", "conv1d"})
     takes_slices = True
     stacks_on = frozenset({"quantize"})
+    shares_modules = True
+    routes_rows = True
     mergeable = True
     summary = "Kronecker product of two small factors, one low-rank (LoKr / KronA, Edalati et al. 2022)"
     peft_type = "LOKR"

@@ -17,8 +17,11 @@ from pydantic import Field
 from torch import nn
 
 from surgeon.errors import ExportError
+from surgeon.graph import unwrap
 from surgeon.methods._rng import draw
-from surgeon.methods.base import ApplyContext, Method, MethodParams, Patch, Target, WrapPatch, locate, register
+from surgeon.methods.rows import add_on_rows, routed_rows
+from surgeon.methods.base import (ApplyContext, Method, MethodParams, Patch, Target, WrapPatch, WrapsLayer,
+                                  locate, register)
 
 
 class LoraParams(MethodParams):
@@ -43,7 +46,9 @@ def init_lora_a(weight: torch.Tensor, params: LoraParams, generator: torch.Gener
 
 
 def compute_dtype_device(base: nn.Module) -> tuple[torch.dtype, torch.device]:
-    """LoRA weights live in the base's compute dtype (a quantized base says which) and device."""
+    """LoRA weights live in the base's compute dtype (a quantized base says which) and device;
+    under named adapters stacked on one layer, the layer's under them all."""
+    base = unwrap(base)
     if hasattr(base, "compute_dtype"):
         return base.compute_dtype, base.device
     return base.weight.dtype, base.weight.device
@@ -59,10 +64,11 @@ def own_dtype(wrapper: nn.Module) -> torch.dtype:
     raise TypeError(f"{type(wrapper).__name__} holds no weights of its own")
 
 
-class _LoraBase(nn.Module):
-    def __init__(self, base: nn.Module, params: LoraParams) -> None:
+class _LoraBase(WrapsLayer, nn.Module):
+    def __init__(self, base: nn.Module, params: LoraParams, label: str | None = None) -> None:
         super().__init__()
         self.base = base
+        self.label = label  # the named adapter it belongs to: which rows of a mixed batch it serves
         self.scale = params.scale
         self.dropout = nn.Dropout(params.dropout) if params.dropout > 0 else nn.Identity()
         self.train(base.training)  # a wrapper made while the model is in eval mode stays in eval mode
@@ -85,7 +91,7 @@ class LoraLinear(_LoraBase):
 
     def __init__(self, base: nn.Module, target: Target, params: LoraParams, init: bool,
                  generator: torch.Generator | None = None) -> None:
-        super().__init__(base, params)
+        super().__init__(base, params, target.label)
         self.transposed = target.kind == "conv1d"
         self.slices = dict(target.slices)
         d_in, d_out = target.in_features, target.out_features
@@ -103,13 +109,16 @@ class LoraLinear(_LoraBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
+        rows = routed_rows(self.label, x)
+        if rows is not None:  # a mixed batch: only the rows that name this adapter
+            x = x[rows]
         h = self.dropout(x).to(self.dtype)  # LoRA's own dtype, as PEFT (a quantized base may compute in another)
         if not self.slices:
             # one fused multiply-add instead of a scale and an add (PEFT does two)
-            return torch.add(out, F.linear(F.linear(h, self.lora_A), self.lora_B).to(out.dtype), alpha=self.scale)
-        for name, (start, stop) in self.slices.items():
+            return add_on_rows(out, rows, F.linear(F.linear(h, self.lora_A), self.lora_B).to(out.dtype), self.scale)
+        for name, span in self.slices.items():
             a, b = getattr(self, f"lora_A_{name}"), getattr(self, f"lora_B_{name}")
-            out[..., start:stop].add_(F.linear(F.linear(h, a), b).to(out.dtype), alpha=self.scale)
+            add_on_rows(out, rows, F.linear(F.linear(h, a), b).to(out.dtype), self.scale, span)
         return out
 
     def delta_weights(self) -> dict[str, torch.Tensor]:
@@ -126,17 +135,19 @@ class LoraLinear(_LoraBase):
 class LoraEmbedding(_LoraBase):
     def __init__(self, base: nn.Embedding, target: Target, params: LoraParams, init: bool,
                  generator: torch.Generator | None = None) -> None:
-        super().__init__(base, params)
-        self.lora_A = self._new(params.r, base.num_embeddings)
-        self.lora_B = self._new(base.embedding_dim, params.r)
+        super().__init__(base, params, target.label)
+        table = unwrap(base)
+        self.lora_A = self._new(params.r, table.num_embeddings)
+        self.lora_B = self._new(table.embedding_dim, params.r)
         if init:
             draw(self.lora_B.data, nn.init.normal_, generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base: nn.Embedding = self.base  # type: ignore[assignment]
-        after_a = F.embedding(x, self.lora_A.T, base.padding_idx, base.max_norm, base.norm_type,
-                              base.scale_grad_by_freq, base.sparse)
-        return torch.add(base(x), after_a @ self.lora_B.T, alpha=self.scale)
+        base: nn.Embedding = unwrap(self.base)  # type: ignore[assignment]
+        rows = routed_rows(self.label, x)
+        after_a = F.embedding(x if rows is None else x[rows], self.lora_A.T, base.padding_idx, base.max_norm,
+                              base.norm_type, base.scale_grad_by_freq, base.sparse)
+        return add_on_rows(self.base(x), rows, after_a @ self.lora_B.T, self.scale)
 
     def delta_weights(self) -> dict[str, torch.Tensor]:
         return {"weight": (self.lora_B @ self.lora_A).T * self.scale}
@@ -145,21 +156,24 @@ class LoraEmbedding(_LoraBase):
 class LoraConv2d(_LoraBase):
     def __init__(self, base: nn.Conv2d, target: Target, params: LoraParams, init: bool,
                  generator: torch.Generator | None = None) -> None:
-        super().__init__(base, params)
-        kh, kw = base.kernel_size
-        self.lora_A = self._new(params.r, base.in_channels, kh, kw)
-        self.lora_B = self._new(base.out_channels, params.r, 1, 1)
+        super().__init__(base, params, target.label)
+        conv = unwrap(base)
+        kh, kw = conv.kernel_size
+        self.lora_A = self._new(params.r, conv.in_channels, kh, kw)
+        self.lora_B = self._new(conv.out_channels, params.r, 1, 1)
         if init:
             init_lora_a(self.lora_A.data, params, generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base: nn.Conv2d = self.base  # type: ignore[assignment]
-        after_a = F.conv2d(self.dropout(x), self.lora_A, None, base.stride, base.padding, base.dilation)
-        return torch.add(base(x), F.conv2d(after_a, self.lora_B), alpha=self.scale)
+        base: nn.Conv2d = unwrap(self.base)  # type: ignore[assignment]
+        rows = routed_rows(self.label, x)
+        h = self.dropout(x if rows is None else x[rows])
+        after_a = F.conv2d(h, self.lora_A, None, base.stride, base.padding, base.dilation)
+        return add_on_rows(self.base(x), rows, F.conv2d(after_a, self.lora_B), self.scale)
 
     def delta_weights(self) -> dict[str, torch.Tensor]:
         delta = self.lora_B.flatten(1) @ self.lora_A.flatten(1)
-        return {"weight": delta.view(self.base.weight.shape) * self.scale}
+        return {"weight": delta.view(unwrap(self.base).weight.shape) * self.scale}
 
 
 class LoraPatch(WrapPatch):
@@ -187,6 +201,8 @@ class Lora(Method):
     kinds = frozenset(_WRAPPERS)
     takes_slices = True
     stacks_on = frozenset({"quantize"})
+    shares_modules = True
+    routes_rows = True
     mergeable = True
     summary = "low-rank update B A beside a frozen layer (Hu et al. 2021)"
 
