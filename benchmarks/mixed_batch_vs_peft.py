@@ -4,7 +4,7 @@
     python benchmarks/mixed_batch_vs_peft.py --json      # the JSON line only
     python benchmarks/mixed_batch_vs_peft.py --reps 5    # a quick run
 
-A small Llama (512 hidden, 8 layers, 32k vocab), fp32, on the CPU; four LoRA adapters (r 8, 16, 8,
+A small Llama (512 hidden, 8 layers, 4k vocab), fp32, on the CPU; four LoRA adapters (r 8, 16, 8,
 4) on q_proj and v_proj, the same random A/B values in both libraries. The batch: 8 rows of 128
 tokens naming `a b c d a None c b` (PEFT: `__base__` for None). Timed: one forward under
 torch.no_grad with `adapter_names=`, eval mode. 3 warm-up forwards each, then `--reps` rounds in
@@ -24,14 +24,17 @@ import statistics
 import sys
 import time
 import warnings
+from pathlib import Path
 
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
 CONFIG = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-              num_key_value_heads=8, vocab_size=32000)
+              num_key_value_heads=8, vocab_size=4096)  # a small head: the layers, where adapters act, dominate
 ADAPTERS = {"a": 8, "b": 16, "c": 8, "d": 4}  # name -> r (alpha = 2 r)
 NAMES = ["a", "b", "c", "d", "a", None, "c", "b"]
 SEQ = 128
@@ -55,21 +58,12 @@ def build() -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
     with torch.no_grad():
         for p in ours.values():
             p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-    twin = None
-    for name, r in ADAPTERS.items():
-        config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"])
-        if twin is None:
-            twin = peft.get_peft_model(reference, config, adapter_name=name)
-        else:
-            twin.add_adapter(name, config)
-    with torch.no_grad():
-        for key, param in twin.named_parameters():
-            if ".lora_" in key:
-                path, _, rest = key.removeprefix("base_model.model.").partition(".lora_")
-                which, name, _ = rest.split(".")
-                param.copy_(ours[f"{path}[{name}].lora_{which}"])
+    from peft_twin import named_lora_twin  # tests/: the same twin the mixed-batch parity test checks against
+
+    twin = named_lora_twin(reference, job, {name: peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"])
+                                            for name, r in ADAPTERS.items()})
     ids = torch.randint(0, CONFIG["vocab_size"], (len(NAMES), SEQ), generator=generator)
-    return base, twin.eval(), ids
+    return base, twin, ids
 
 
 def variants(ours: torch.nn.Module, theirs: torch.nn.Module, ids: torch.Tensor) -> dict[str, callable]:

@@ -48,6 +48,69 @@ def is_adapterhub_dir(folder: Path) -> bool:
     return isinstance(config, dict) and str(config.get("version", "")).startswith("adapters.")
 
 
+FUSION_CONFIG_FILE = "adapter_fusion_config.json"
+FUSION_WEIGHTS_FILE = "model_adapter_fusion.safetensors"
+# AdapterFusion config keys -> the value surgeon's fusion computes; `value`, `temperature` and
+# `regularization` choose between surgeon's settings (fusion_statement)
+_FUSION_NEUTRAL = {"query": True, "key": True, "query_before_ln": False, "residual_before": False,
+                   "value_before_softmax": True}
+
+
+def fusion_folder(folder: Path) -> Path | None:
+    """The folder holding an AdapterHub saved fusion: `folder` itself, or one of its sub-folders
+    (the library's save_all_adapters layout: one folder per adapter, one per fusion)."""
+    if (folder / FUSION_CONFIG_FILE).is_file():
+        return folder
+    found = sorted(p.parent for p in folder.glob(f"*/{FUSION_CONFIG_FILE}")) if folder.is_dir() else []
+    if len(found) > 1:
+        raise ExportError(f"{folder} holds {len(found)} AdapterHub fusions ({', '.join(p.name for p in found)}): "
+                          "import one at a time (name its folder)")
+    return found[0] if found else None
+
+
+def read_fusion_dir(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Path]]:
+    """(the fusion's saved config, its tensors, each fused adapter's folder): the adapters sit beside
+    the fusion folder (or inside it), each in a folder of its name."""
+    try:
+        saved = json.loads((folder / FUSION_CONFIG_FILE).read_text(encoding="utf-8"))
+        tensors = load_file(str(folder / FUSION_WEIGHTS_FILE))
+    except (OSError, ValueError, SafetensorError) as err:
+        raise ExportError(f"cannot read the AdapterHub fusion in {folder}: {err}") from None
+    names = saved.get("adapter_names") if isinstance(saved, dict) else None
+    if not isinstance(names, list) or len(names) < 2 or not all(
+            isinstance(n, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", n) for n in names):
+        raise ExportError(f"{folder / FUSION_CONFIG_FILE} names no adapters surgeon can name (adapter_names: {names!r})")
+    places: dict[str, Path] = {}
+    for name in names:
+        found = [p for p in (folder / name, folder.parent / name) if is_adapterhub_dir(p)]
+        if not found:
+            raise ExportError(f"the fusion fuses '{name}', but neither {folder / name} nor {folder.parent / name} "
+                              "holds that AdapterHub adapter (save it with model.save_adapter beside the fusion)")
+        places[name] = found[0]
+    return saved, tensors, places
+
+
+def fusion_statement(saved: dict[str, Any]) -> str:
+    """`fuse adapters <a,b> ...` for an AdapterHub fusion config."""
+    config = saved.get("config")
+    if not isinstance(config, dict):
+        raise ExportError(f"the AdapterHub fusion config has no 'config' ({sorted(saved)})")
+    for key, neutral in _FUSION_NEUTRAL.items():
+        if config.get(key, neutral) != neutral:
+            raise ExportError(f"the AdapterHub fusion sets {key}={config[key]!r}, which surgeon's fusion does not "
+                              f"compute (it computes {key}={neutral!r})")
+    words = [f"fuse adapters <{','.join(saved['adapter_names'])}>"]
+    if not config.get("value", True):
+        words.append("config=static")
+    if config.get("temperature"):
+        words.append("temperature=true")
+    if config.get("dropout_prob") is not None:
+        words.append(f"dropout={float(config['dropout_prob'])!r}")
+    if not config.get("regularization", True) and config.get("value", True):
+        words.append("regularization=0")
+    return " ".join(words)
+
+
 def read_adapterhub_dir(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(the saved config, the tensors) of an AdapterHub adapter directory."""
     if not (folder / WEIGHTS_FILE).is_file():
@@ -100,8 +163,9 @@ def _left_out(leave_out: Any, layers: list[str] | None) -> str:
     return "".join(f" except {layers[i]}" for i in sorted(set(leave_out)))  # type: ignore[index]
 
 
-def surgeon_name(name: str, adapter: str) -> str:
-    """AdapterHub's parameter name -> surgeon's (`<layer>.adapter_output.<the library's own names>`)."""
+def surgeon_name(name: str, adapter: str, named: bool = False) -> str:
+    """AdapterHub's parameter name -> surgeon's (`<layer>.adapter_output.<the library's own names>`;
+    `named`: the run's name of a named adapter, `<layer>[a].adapter_output[a]....`)."""
     tag = re.escape(adapter)
     patterns = (  # T5 first: its sub-layer index says attention (0) or feed-forward (the last)
         (rf"(.*\.block\.\d+)\.layer\.(\d+)\.adapters\.{tag}\.(.+)", lambda m: "attention" if m[2] == "0" else "output"),
@@ -113,8 +177,21 @@ def surgeon_name(name: str, adapter: str) -> str:
     for pattern, site in patterns:
         match = re.fullmatch(pattern, name)
         if match:
+            if named:
+                return f"{match[1]}[{adapter}].adapter_{site(match)}[{adapter}].{match[match.re.groups]}"
             return f"{match[1]}.adapter_{site(match)}.{match[match.re.groups]}"
     raise ExportError(f"the AdapterHub adapter holds {name}, which is no bottleneck adapter tensor surgeon knows")
+
+
+def surgeon_fusion_name(name: str, adapters: list[str], label: str | None = None) -> str:
+    """AdapterHub's fusion tensor (`<layer>.output.adapter_fusion_layer.a,b.query.weight`) -> the
+    run's name of `fuse adapters <a,b>` (as LABEL)."""
+    tag = re.escape(",".join(adapters))
+    match = re.fullmatch(rf"(.*)\.(?:output_adapters|output|layer\.\d+)\.adapter_fusion_layer\.{tag}\.(.+)", name)
+    if match is None:
+        raise ExportError(f"the AdapterHub fusion holds {name}, which is no fusion tensor of '{','.join(adapters)}'")
+    layer = f"{match[1]}[{label}]" if label else match[1]
+    return f"{layer}.adapter_fusion[{','.join(adapters)}].{match[2]}"
 
 
 # --- Export: the inverse. A run of `inject adapter` statements becomes the directory that adapters

@@ -25,8 +25,8 @@ from surgeon.files import same_or_nested, write_dir
 from surgeon.graph import ModuleGraph, build_module_graph
 from surgeon.job import apply_checkpoint
 from surgeon.adapterhub_format import describe as describe_adapterhub
-from surgeon.adapterhub_format import is_adapterhub_dir
-from surgeon.job import Job, import_adapterhub, import_peft, load
+from surgeon.adapterhub_format import fusion_folder, is_adapterhub_dir
+from surgeon.job import Job, import_adapterhub, import_adapterhub_fusion, import_peft, load
 from surgeon.language import parse_spec, read_spec_text
 from surgeon.manifest import Manifest, read_manifest
 from surgeon.methods.base import registry
@@ -353,10 +353,17 @@ def import_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Turn a PEFT or AdapterHub adapter (told apart by its config) into a surgeon run: a .peft
-    spec that says the same thing, the weights and a manifest, which `surgeon.load(RUN, model)` applies."""
+    spec that says the same thing, the weights and a manifest, which `surgeon.load(RUN, model)` applies.
+
+    An AdapterHub fusion (a folder with adapter_fusion_config.json, or one holding such a folder
+    beside its adapters' folders, as save_adapter_fusion and save_adapter write them) imports as
+    named adapters and their `fuse adapters` statement."""
     _fresh_out(out_dir, force, peft_dir, model, checkpoint)
     with _status("importing", as_json):
-        if is_adapterhub_dir(peft_dir):
+        fusion = fusion_folder(peft_dir)
+        if fusion is not None:
+            job = import_adapterhub_fusion(fusion, model, checkpoint=checkpoint)
+        elif is_adapterhub_dir(peft_dir):
             job = import_adapterhub(peft_dir, model, checkpoint=checkpoint)
         else:
             job = import_peft(peft_dir, model, checkpoint=checkpoint)

@@ -11,10 +11,11 @@ computes them (peft 0.21, `tuners/lora/model.py` and `utils/merge_utils.py`), mo
 
 TIES keeps the `density` share of largest entries of each tensor, elects a sign per entry (by the
 total, or by the count of signs: `majority_sign_method`) and averages the agreeing entries. DARE
-keeps each entry with probability `density` and divides by it; its draws come from `generator`, in
-PEFT's order (modules in model order; per module A then B, adapter by adapter), so a seeded
-combination equals PEFT's under `torch.manual_seed` of the same seed. The new adapter's scale is 1
-(alpha = r), as PEFT sets it.
+keeps each entry with probability `density` and divides by it; its draws come from `generator`
+(None: torch's global RNG) in PEFT's order (modules in model order; per module A then B, adapter
+by adapter), so one stream of draws gives PEFT's masks. (PEFT draws from the global RNG after
+initialising the new adapter, which takes draws of its own; the tests hand both one generator.)
+The new adapter's scale is 1 (alpha = r), as PEFT sets it.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def check_settings(settings: Settings, ranks: list[int]) -> int:
                            "(the share of each tensor's entries kept)")
     if settings.majority_sign_method not in ("total", "frequency"):
         raise SurgeonError(f"majority_sign_method is 'total' or 'frequency', not {settings.majority_sign_method!r}")
-    kind = effective(settings.combination, len(ranks))
+    kind = settings.combination
     if kind == "cat":
         return sum(ranks)
     if kind.endswith("svd"):
@@ -77,14 +78,16 @@ def check_settings(settings: Settings, ranks: list[int]) -> int:
 
 
 def effective(combination: str, adapters: int) -> str:
-    return "linear" if adapters == 1 else combination  # PEFT: one adapter can only be scaled
+    """The combination PEFT applies: one adapter can only be scaled (`linear`), whatever was asked."""
+    return "linear" if adapters == 1 and combination in COMBINATIONS else combination
 
 
 def combine_module(factors: list[tuple[LoraFactors, float]], rank: int, settings: Settings,
                    generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(A', B') of the combined adapter on one module, from the (factors, weight) of the adapters
-    that sit there, at `rank` rows of A' (cat leaves the rows of absent adapters zero)."""
-    kind = effective(settings.combination, len(factors))
+    that sit there, at `rank` rows of A' (cat leaves the rows of absent adapters zero). The
+    settings' combination is the `effective` one."""
+    kind = settings.combination
     dtype = factors[0][0].a.dtype
     if kind == "cat":
         a = torch.cat([f.a * w * f.scale for f, w in factors], dim=0)

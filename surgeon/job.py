@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -9,7 +10,7 @@ import warnings
 import tempfile
 import uuid
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -21,13 +22,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from surgeon import checkpoints, mixed_batch
+from surgeon.combine import LoraFactors, Settings, check_settings, combine_module, effective
 from surgeon.adapterhub_format import (export_adapterhub, library_layers, read_adapterhub_dir,
                                        statement_from_adapterhub)
+from surgeon.adapterhub_format import fusion_statement, read_fusion_dir, surgeon_fusion_name
 from surgeon.adapterhub_format import surgeon_name as adapterhub_name
-from surgeon.errors import ManifestError, PlanError, RevertError, SurgeonError, did_you_mean
+from surgeon.errors import ExportError, ManifestError, PlanError, RevertError, SurgeonError, did_you_mean
 from surgeon.files import write_dir
 from surgeon.graph import build_module_graph
 from surgeon.language import parse_spec, read_spec_text
+from surgeon.loads import LoadedRun, expand_loads, unnamed_key
 from surgeon.manifest import (ADAPTER_FILE, MANIFEST_FILE, ORIGINALS_DIR, STATE_PREFIX, TRAINED_BASE_PREFIX, Manifest,
                               OriginalsRef, PatchRecord, SourceRef, originals_folder, read_manifest, sha256_file,
                               tensor_record)
@@ -36,7 +40,7 @@ from surgeon.models import (checkpoint_matches, load_model, load_model_skeleton,
                             stream_checkpoint)
 from surgeon.peft_format import export_peft, fill_from_peft, read_peft_dir, spec_from_peft
 from surgeon.originals import CheckpointOriginals, Originals, SpilledOriginals, originals_for
-from surgeon.planner import LivePatch, Plan, Rewrite, method_of, plan
+from surgeon.planner import LivePatch, Plan, Rewrite, method_of, params_of, plan
 from surgeon.progress import working
 from surgeon.revert import check_tensors, revert_surgery
 from surgeon.spec import Spec
@@ -90,45 +94,167 @@ class Job:
     def active_adapters(self) -> list[str]:
         return [name for name in self.adapter_names() if name not in self._inactive]
 
-    def activate(self, names: str | list[str] | None) -> None:
+    def activate(self, names: str | list[str] | dict[str, float] | None) -> None:
         """Only the named adapters in `names` act (None or []: none of them, so a spec of named
         statements computes the base model's outputs bit for bit); unnamed statements always act.
-        Switching moves no tensor and re-initialises nothing; `trainable_parameters()` then holds
-        only what is active."""
+        `{name: weight}`: those act, each adapter's change scaled by its weight; with weights
+        summing to 1, each adapted layer puts out the weighted average of its outputs under each
+        adapter alone (AdapterHub's Average), and other weights scale the changes (0.5: half a
+        LoRA). Weights apply to weight deltas (LoRA, LoHa, LoKr). Switching moves no tensor and
+        re-initialises nothing; `trainable_parameters()` then holds only what is active. All or
+        nothing: on error nothing changes."""
+        weights = self._wanted(names)
+        surgery = self._live()
+        old = dict(self.manifest.weights)
+        changes = [(r, p, r.label in weights, weights.get(r.label, 1.0)) for r, p in surgery.patches if r.label]
+        done: list[tuple[Patch, bool, float]] = []
+        said = ""
+        try:
+            for rewrite, patch, on, weight in changes:
+                said = f"adapter '{rewrite.label}' ('{rewrite.verb} {rewrite.method}' on {rewrite.target.path})"
+                before = (rewrite.label not in self._inactive, old.get(rewrite.label, 1.0))
+                if before[1] != weight:
+                    patch.set_weight(weight)
+                    done.append((patch, True, before[1]))
+                if before[0] != on:
+                    patch.set_active(on)
+                    done.append((patch, False, float(before[0])))
+        except PlanError as err:
+            for undone, weighted, value in reversed(done):
+                undone.set_weight(value) if weighted else undone.set_active(bool(value))
+            raise SurgeonError(f"{said}: {err}") from None
+        surgery.manifest = self.manifest.model_copy(update={
+            "inactive": sorted(set(self.adapter_names()) - set(weights)),
+            "weights": {name: weight for name, weight in weights.items() if weight != 1.0}})
+
+    def _wanted(self, names: Any) -> dict[str, float]:
+        """`activate`'s argument as {name: weight}, checked."""
         if isinstance(names, dict):
-            raise SurgeonError("a weighted combination of active adapters ({name: weight}) is not supported yet; "
-                               "name the adapters to activate")
-        wanted = [names] if isinstance(names, str) else list(names) if isinstance(names, (list, tuple)) else \
-            [] if names is None else [names]
-        if not all(isinstance(name, str) for name in wanted):
-            raise SurgeonError(f"activate takes an adapter name, a list of names or None, not {names!r}")
+            if not all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                       for k, v in names.items()):
+                raise SurgeonError(f"activate's weights are {{adapter name: number}}, not {names!r}")
+            weights = {name: float(weight) for name, weight in names.items()}
+        else:
+            listed = [names] if isinstance(names, str) else list(names) if isinstance(names, (list, tuple)) else \
+                [] if names is None else [names]
+            if not all(isinstance(name, str) for name in listed):
+                raise SurgeonError(f"activate takes an adapter name, a list of names, {{name: weight}} or None, "
+                                   f"not {names!r}")
+            weights = {name: 1.0 for name in listed}
         known = self.adapter_names()
-        for name in wanted:
+        for name in weights:
             if name not in known:
                 raise SurgeonError(f"no adapter named '{name}' in this job; "
                                    f"{did_you_mean(name, known) or 'its adapters: ' + (', '.join(known) or 'none')}")
-        surgery = self._live()
-        switched = [(r, p) for r, p in surgery.patches if r.label and (r.label in wanted) == (r.label in self._inactive)]
-        done: list[tuple[Rewrite, Patch]] = []
-        try:
-            for rewrite, patch in switched:
-                patch.set_active(rewrite.label in wanted)
-                done.append((rewrite, patch))
-        except Exception:
-            for rewrite, patch in reversed(done):  # all or nothing
-                patch.set_active(rewrite.label not in wanted)
-            raise
-        surgery.manifest = self.manifest.model_copy(update={"inactive": sorted(set(known) - set(wanted))})
+        return weights
+
+    def _activation(self) -> dict[str, float]:
+        """What is active now, with its weights (what `activate` takes back)."""
+        return {name: self.manifest.weights.get(name, 1.0) for name in self.active_adapters()}
 
     @contextmanager
-    def active(self, names: str | list[str] | None) -> Iterator[nn.Module]:
+    def active(self, names: str | list[str] | dict[str, float] | None) -> Iterator[nn.Module]:
         """`with job.active("a"): ...`: only those adapters inside the block, the previous ones after it."""
-        before = self.active_adapters()
+        before = self._activation()
         self.activate(names)
         try:
             yield self.model
         finally:
             self.activate(before)
+
+    def combine(self, weights: dict[str, float], combination: str = "svd", name: str | None = None, *,
+                density: float | None = None, majority_sign_method: Literal["total", "frequency"] = "total",
+                svd_rank: int | None = None, svd_clamp: float | None = None, seed: int | None = None) -> str:
+        """A new named LoRA adapter combining named LoRA adapters, `{name: weight}`, as PEFT's
+        `add_weighted_adapter` makes it (every combination type of PEFT; surgeon/combine.py). It
+        joins this job switched off, as PEFT adds it: `job.activate(name)` to use it. Its
+        statement joins the spec (written out with the paths it covers), so a saved run holds
+        it. `seed` seeds the DARE draws (None: torch's global RNG). Nothing changes on error.
+        Returns the new adapter's name (default: the names joined by '_')."""
+        surgery = self._live()
+        name = name or "_".join(weights)
+        factors, first = self._lora_factors(weights, name)
+        settings = Settings(effective(combination, len(weights)), density, majority_sign_method, svd_rank, svd_clamp)
+        rank = check_settings(settings, [next(iter(f.values())).rank for f in factors.values()])
+        paths = [path for path, _ in surgery.model.named_modules() if any(path in f for f in factors.values())]
+        options = "".join(f" {k}={v}" for k, v in (("dropout", first.dropout), ("rslora", "true" if first.rslora else ""))
+                          if v)
+        statement = f"inject lora r={rank} alpha={rank}{options} into <{','.join(paths)}> as {name}"
+        described = ", ".join(f"{adapter} ({weight:g})" for adapter, weight in weights.items())
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        combined = {path: combine_module([(f[path], float(weights[adapter])) for adapter, f in factors.items()
+                                          if path in f], rank, settings, generator) for path in paths}
+        new = self._extend(f"# combined from {described} by {combination}\n{statement}")
+        with torch.no_grad():
+            for rewrite, patch in new:
+                a, b = combined[rewrite.target.path]
+                added = patch.added_parameters()
+                added["lora_A"].copy_(a)
+                added["lora_B"].copy_(b)
+                patch.set_active(False)
+        surgery.manifest = self.manifest.model_copy(update={"inactive": sorted({*self._inactive, name})})
+        return name
+
+    def _lora_factors(self, weights: dict[str, float], name: str) -> tuple[dict[str, dict[str, LoraFactors]], Any]:
+        """Per adapter named in `weights`: module path -> its LoRA there; and the first one's params."""
+        if not isinstance(weights, dict) or not weights or not all(
+                isinstance(k, str) and isinstance(v, (int, float)) for k, v in weights.items()):
+            raise SurgeonError("combine takes {adapter name: weight, ...} (at least one)")
+        known = self.adapter_names()
+        for adapter in weights:
+            if adapter not in known:
+                raise SurgeonError(f"no adapter named '{adapter}' in this job; "
+                                   f"{did_you_mean(adapter, known) or 'its adapters: ' + (', '.join(known) or 'none')}")
+        if name in known:
+            raise SurgeonError(f"an adapter named '{name}' is already in this job: give the combination another name")
+        if any(record.merged for record in self.manifest.patches):
+            raise SurgeonError("this job is merged: revert it (or load the run again) to combine its adapters")
+        factors: dict[str, dict[str, LoraFactors]] = {adapter: {} for adapter in weights}
+        first: Any = None
+        for rewrite, patch in self._live().patches:
+            if rewrite.label not in weights:
+                continue
+            if (rewrite.verb, rewrite.method) != ("inject", "lora") or rewrite.target.slices or \
+                    rewrite.target.kind not in ("linear", "conv1d", "embedding"):
+                what = f"'{rewrite.verb} {rewrite.method}'" if rewrite.method != "lora" else (
+                    f"LoRA on {'a slice of ' if rewrite.target.slices else 'the ' + rewrite.target.kind + ' '}"
+                    f"{rewrite.target.path}")
+                raise SurgeonError(f"adapter '{rewrite.label}' has {what}: combinations are of plain LoRA adapters "
+                                   "on whole linear or embedding layers, as PEFT's add_weighted_adapter")
+            params = params_of(rewrite)
+            first = first or params
+            added = patch.added_parameters()
+            factors[rewrite.label][rewrite.target.path] = LoraFactors(added["lora_A"].detach(),
+                                                                      added["lora_B"].detach(), params.scale)
+        return factors, first
+
+    def _extend(self, text: str) -> list[tuple[Rewrite, Patch]]:
+        """Apply the statements of `text` to the live model as part of this job: its spec grows by
+        them, its plan, patches and manifest too, as if the spec had said them from the start.
+        They may only act on modules the job already touches (the base fingerprint stays whole)."""
+        surgery = self._live()
+        spec_text = self.manifest.spec_text.rstrip("\n") + "\n" + text + "\n"
+        spec = parse_spec(spec_text, self.manifest.spec_source)
+        full = plan(spec, build_module_graph(surgery.model))  # the graph sees through the job's wrappers
+        old_count = len(self.plan.spec.statements)
+        new_rewrites = tuple(r for r in full.rewrites if r.statement >= old_count)
+        if {_key(r) for r in full.rewrites if r.statement < old_count} != {_key(r) for r in self.plan.rewrites}:
+            raise SurgeonError("this job's spec plans differently on the live model; revert and apply the whole spec")
+        touched = {r.target.path for r in self.plan.rewrites}
+        outside = sorted({r.target.path for r in new_rewrites} - touched)
+        if outside:
+            raise SurgeonError(f"the new statements act on {outside[:3]}, which this job does not touch")
+        flags = {p: p.requires_grad for p in surgery.model.parameters()}
+        part = apply_plan(full.model_copy(update={"rewrites": new_rewrites}), surgery.model,
+                          source=self.manifest.source, ctx=ApplyContext(init=False))
+        for param, flag in flags.items():  # apply_plan froze everything but what it added
+            param.requires_grad_(flag)
+        surgery.plan = full.model_copy(update={"rewrites": (*self.plan.rewrites, *new_rewrites)})  # apply order
+        surgery.patches += part.patches
+        surgery.manifest = self.manifest.model_copy(update={
+            "spec_text": spec_text, "spec_sha256": hashlib.sha256(spec_text.encode()).hexdigest(),
+            "patches": [*self.manifest.patches, *part.manifest.patches]})
+        return part.patches
 
     def added_tensors(self) -> dict[str, nn.Parameter]:
         """Every tensor the surgery added, by `target.local_name` (`target[NAME].local_name` for a
@@ -140,7 +266,7 @@ class Job:
         """Only what the spec made trainable, by name: `torch.optim.AdamW(job.trainable_parameters().values())`."""
         found: dict[str, nn.Parameter] = {}
         for record, (rewrite, patch) in zip(self.manifest.patches, self._live().patches):
-            if record.merged or rewrite.label in self._inactive:
+            if record.merged or rewrite.label in self._inactive or rewrite.label in self.manifest.frozen:
                 continue
             found.update({rewrite.key(n): p for n, p in patch.added_parameters().items()})
             found.update(patch.trained_base_parameters())
@@ -405,8 +531,13 @@ def _spec_of(spec: str | Path | Spec) -> Spec:
 
 def check(spec: str | Path | Spec, model: nn.Module) -> Plan:
     """Parse and plan without changing anything; raises on any problem. On a model that live jobs
-    patched, the new rewrites must stack on theirs (the planner says why not)."""
-    return plan(_spec_of(spec), build_module_graph(model), live=_live_patches(model))
+    patched, the new rewrites must stack on theirs (the planner says why not). The plan is of the
+    spec with its `load adapters` statements replaced by the runs' statements."""
+    return _check(expand_loads(_spec_of(spec), model)[0], model)
+
+
+def _check(spec: Spec, model: nn.Module) -> Plan:
+    return plan(spec, build_module_graph(model), live=_live_patches(model))
 
 
 def _live_patches(model: nn.Module) -> list[LivePatch]:
@@ -429,7 +560,8 @@ def apply(spec: str | Path | Spec, model: nn.Module, *, seed: int | None = None,
     A lossy rewrite (quantization) first writes the tensors it replaces to `originals_dir` (default:
     a fresh folder in the temp directory; `job.save()` copies it into the run), unless `source`
     names the checkpoint they can be re-read from."""
-    the_plan = check(spec, model)
+    expanded, loaded = expand_loads(_spec_of(spec), model)
+    the_plan = _check(expanded, model)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None  # the global RNG stays the caller's
     source = source or source_of(model, touched_tensor_names(model, the_plan), full_fingerprint)
     originals, ref = _originals_for(source, originals_dir)
@@ -441,7 +573,35 @@ def apply(spec: str | Path | Spec, model: nn.Module, *, seed: int | None = None,
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
         raise
-    return Job(surgery, scratch)
+    job = Job(surgery, scratch)
+    if loaded:
+        try:
+            _fill_loaded(job, loaded)
+        except BaseException:
+            job.revert()
+            raise
+    return job
+
+
+def _fill_loaded(job: Job, loaded: list[LoadedRun]) -> None:
+    """The loaded runs' tensors copied in; the runs loaded without trainable=true frozen."""
+    for run in loaded:
+        mine = {unnamed_key(rewrite.target.path, local): param for rewrite, patch in job._live().patches
+                if rewrite.label == run.name for local, param in patch.added_parameters().items()}
+        if set(mine) != set(run.tensors):
+            raise ManifestError(f"{run.directory} plans other tensors on this model than it holds: "
+                                f"{sorted(set(mine) ^ set(run.tensors))[:3]}")
+        _copy_checked(mine, run.tensors)
+    frozen = sorted(run.name for run in loaded if not run.trainable)
+    _freeze(job, frozen)
+
+
+def _freeze(job: Job, names: list[str]) -> None:
+    for rewrite, patch in job._live().patches:
+        if rewrite.label in names:
+            for param in patch.added_parameters().values():
+                param.requires_grad_(False)
+    job._surgery.manifest = job.manifest.model_copy(update={"frozen": names})
 
 
 def apply_checkpoint(spec: str | Path | Spec, model_ref: str, *, seed: int | None = None,
@@ -452,6 +612,12 @@ def apply_checkpoint(spec: str | Path | Spec, model_ref: str, *, seed: int | Non
     each tensor moves there as it is read and is quantized there: the device never holds the
     full-precision model either."""
     device = resolve_device(device)
+    spec = _spec_of(spec)
+    if any(statement.verb.text == "load" for statement in spec.statements):  # a loaded run checks the real base
+        model, source = load_model(model_ref, checkpoint=checkpoint)
+        if device is not None:
+            model.to(device)
+        return apply(spec, model, seed=seed, source=source, full_fingerprint=full_fingerprint)
     skeleton, source = load_model(model_ref, checkpoint=checkpoint, meta=True)
     the_plan = plan(_spec_of(spec), build_module_graph(skeleton))
     streaming = any(method_of(r).streams for r in the_plan.rewrites)
@@ -502,7 +668,7 @@ def load(run_dir: str | Path, model: nn.Module, *, originals_from: str | Path | 
         scratch = Path(originals.location)
     else:
         originals = originals_for(ref.kind, ref.location)
-    the_plan = check(spec, model)
+    the_plan = _check(spec, model)
     _check_records(run_dir, manifest.patches, the_plan)
     try:
         surgery = apply_plan(the_plan, model, source=manifest.source, ctx=ApplyContext(init=False, originals=originals),
@@ -518,6 +684,10 @@ def load(run_dir: str | Path, model: nn.Module, *, originals_from: str | Path | 
                 patch.fold()
         (_fill_live if live_names else _fill)(job, tensors)
         _switch_off(job, manifest, run_dir)
+        unknown = sorted(set(manifest.frozen) - set(job.adapter_names()))
+        if unknown:
+            raise ManifestError(f"{run_dir}: the manifest freezes {unknown}, which are no adapters of its spec")
+        _freeze(job, list(manifest.frozen))
     except BaseException:
         job.revert()
         raise
@@ -530,17 +700,26 @@ def load(run_dir: str | Path, model: nn.Module, *, originals_from: str | Path | 
     return job
 
 
+def _key(rewrite: Rewrite) -> tuple[str, str, str, str | None]:
+    return rewrite.verb, rewrite.method, rewrite.target.path, rewrite.label
+
+
 def _switch_off(job: Job, manifest: Manifest, run_dir: Path) -> None:
-    """The named adapters the run was saved with switched off, switched off again."""
-    if not manifest.inactive:
+    """The named adapters the run was saved with switched off, switched off again; the weighted
+    ones weighted again."""
+    if not manifest.inactive and not manifest.weights:
         return
     names = job.adapter_names()
-    unknown = sorted(set(manifest.inactive) - set(names))
-    if unknown:
-        raise ManifestError(f"{run_dir}: the manifest switches off {unknown}, which are no adapters of its spec")
-    if any(record.merged for record in manifest.patches):
+    for field, listed in (("switches off", manifest.inactive), ("weights", manifest.weights)):
+        unknown = sorted(set(listed) - set(names))
+        if unknown:
+            raise ManifestError(f"{run_dir}: the manifest {field} {unknown}, which are no adapters of its spec")
+    if manifest.inactive and any(record.merged for record in manifest.patches):
         raise ManifestError(f"{run_dir}: the manifest records merged patches and switched-off adapters at once")
-    job.activate([name for name in names if name not in manifest.inactive])
+    try:
+        job.activate({name: manifest.weights.get(name, 1.0) for name in names if name not in manifest.inactive})
+    except SurgeonError as err:
+        raise ManifestError(f"{run_dir}: {err}") from None
 
 
 def _read_run(path: Path) -> tuple[Manifest, dict[str, torch.Tensor], bool]:
@@ -567,10 +746,7 @@ def _fill_live(job: Job, tensors: dict[str, torch.Tensor]) -> None:
     """Fill the run's tensors from a state dict keyed by the live model's names."""
     seam = job.model.__dict__[checkpoints.SEAM_ATTR]
     expected = seam.run_tensor_names()
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    if missing or unexpected:
-        listed = [f"{label} {names[:3]}" for label, names in (("missing", missing), ("unexpected", unexpected)) if names]
-        raise ManifestError(f"the tensors given are not exactly the run's: {'; '.join(listed)}")
+    _exactly(expected, tensors, "the tensors given are not exactly the run's")
     params = dict(job.model.named_parameters(remove_duplicate=False))
     _copy_checked({name: params[name] for name in expected}, tensors)
 
@@ -647,6 +823,38 @@ def import_adapterhub(folder: str | Path, model_ref: str, run_dir: str | Path | 
     return job
 
 
+def import_adapterhub_fusion(folder: Path, model_ref: str, run_dir: str | Path | None = None,
+                             checkpoint: str | None = None) -> Job:
+    """An AdapterHub saved fusion (`adapter_fusion_config.json` + `model_adapter_fusion.safetensors`,
+    its adapters in folders of their names beside it) as a surgeon job on MODEL: the named
+    `inject adapter` statements and the `fuse adapters` statement that compute the same thing."""
+    saved, fusion_tensors, places = read_fusion_dir(folder)
+    model, source = load_model(model_ref, checkpoint=checkpoint)
+    layers = list(library_layers(model))
+    lines = [f"# imported from the AdapterHub fusion '{saved.get('name')}' in {folder.resolve()}"]
+    tensors: dict[str, torch.Tensor] = {}
+    for name, place in places.items():
+        adapter, weights = read_adapterhub_dir(place)
+        if adapter["name"] != name:
+            raise ExportError(f"{place} holds the adapter '{adapter['name']}', but the fusion fuses '{name}' there")
+        lines.append(f"{statement_from_adapterhub(adapter, layers)} as {name}")
+        tensors |= {adapterhub_name(key, name, named=True): t for key, t in weights.items()}
+    lines.append(fusion_statement(saved))
+    names = list(places)
+    tensors |= {surgeon_fusion_name(key, names): t for key, t in fusion_tensors.items()}
+    job = apply(parse_spec("\n".join(lines) + "\n", str(folder / "adapter_fusion_config.json")), model, source=source)
+    try:
+        targets = job.added_tensors()
+        _exactly(targets, tensors, "the AdapterHub fusion's tensors are not the ones its configs make")
+        _copy_checked(targets, tensors)
+    except Exception:
+        job.revert()
+        raise
+    if run_dir is not None:
+        job.save(run_dir)
+    return job
+
+
 def _fill(job: Job, tensors: dict[str, torch.Tensor]) -> None:
     states: dict[int, dict[str, torch.Tensor]] = {}
     patches = job._surgery.patches
@@ -660,8 +868,14 @@ def _fill(job: Job, tensors: dict[str, torch.Tensor]) -> None:
     targets = job.added_tensors()
     for _, patch in patches:
         targets.update({TRAINED_BASE_PREFIX + n: p for n, p in patch.trained_base_parameters().items()})
-    missing, unexpected = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
+    _exactly(targets, tensors, f"{ADAPTER_FILE} does not hold exactly the run's tensors")
+    _copy_checked(targets, tensors)
+
+
+def _exactly(expected: Iterable[str], given: Iterable[str], problem: str) -> None:
+    """A ManifestError saying `problem` and what is missing and unexpected, unless the names agree."""
+    expected, given = set(expected), set(given)
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
     if missing or unexpected:
         listed = [f"{label} {names[:3]}" for label, names in (("missing", missing), ("unexpected", unexpected)) if names]
-        raise ManifestError(f"{ADAPTER_FILE} does not hold exactly the run's tensors: {'; '.join(listed)}")
-    _copy_checked(targets, tensors)
+        raise ManifestError(f"{problem}: {'; '.join(listed)}")

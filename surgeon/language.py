@@ -144,6 +144,10 @@ class _ToAst(Transformer):
         return "".join(out)
 
     @v_args(inline=True)
+    def quoted(self, token: Token) -> Word:
+        return Word(text=self._unescape(str(token)[1:-1], token), location=_loc(token), quoted=True)
+
+    @v_args(inline=True)
     def word(self, token: Token) -> bool | str:
         return {"true": True, "false": False}.get(str(token), str(token))
 
@@ -186,7 +190,8 @@ def _check_lists(tree: Tree, text: str, source: str) -> None:
 
 
 def _statement(tree: Tree) -> Statement:
-    words = [Word(text=str(t), location=_loc(t)) for t in tree.children if isinstance(t, Token)]
+    words = [Word(text=str(t), location=_loc(t)) if isinstance(t, Token) else t
+             for t in tree.children if isinstance(t, (Token, Word))]
     params = tuple(c for c in tree.children if isinstance(c, Param))
     clauses = tuple(c for c in tree.children if isinstance(c, Clause))
     names = [c for c in tree.children if isinstance(c, str) and not isinstance(c, Token)]

@@ -102,6 +102,9 @@ class Manifest(BaseModel):
     originals: OriginalsRef = Field(default_factory=OriginalsRef)
     adapter_sha256: str | None = None
     inactive: list[str] = Field(default_factory=list)  # named adapters switched off (job.activate)
+    # named adapters that act weighted (job.activate({name: weight})); absent: weight 1
+    weights: dict[str, float] = Field(default_factory=dict)
+    frozen: list[str] = Field(default_factory=list)  # named adapters whose tensors do not train (load adapters)
     checksum_kind: Literal["sha256", "hmac-sha256"] = "sha256"
     checksum: str | None = None
 
@@ -112,8 +115,8 @@ class Manifest(BaseModel):
         return unsealed.model_copy(update={"checksum": _digest(unsealed, key)})
 
     def sealed_json(self, indent: int | None = None) -> str:
-        """The sealed manifest as written: an empty `inactive` is left out, as the checksum leaves it
-        out, so runs written before it existed read and check as before."""
+        """The sealed manifest as written: an empty `inactive`, `weights` or `frozen` is left out, as the
+        checksum leaves it out, so runs written before they existed read and check as before."""
         return self.sealed().model_dump_json(indent=indent, exclude=_left_out(self))
 
     def write(self, run_dir: Path) -> None:
@@ -121,7 +124,7 @@ class Manifest(BaseModel):
 
 
 def _left_out(manifest: Manifest) -> set[str]:
-    return set() if manifest.inactive else {"inactive"}
+    return {name for name in ("inactive", "weights", "frozen") if not getattr(manifest, name)}
 
 
 def _run_key() -> bytes | None:

@@ -25,6 +25,12 @@ from surgeon.peft_names import peft_hint
 from surgeon.spec import Clause, Param, Spec, Statement, Word
 
 
+def tensor_key(path: str, label: str | None, local: str) -> str:
+    """The run's name for a tensor a rewrite adds: `path.local`, or `path[NAME].local` for a named
+    adapter, so several adapters on one module keep their tensors apart."""
+    return f"{path}[{label}].{local}" if label else f"{path}.{local}"
+
+
 class Rewrite(BaseModel):
     model_config = ConfigDict(frozen=True)
     statement: int  # index of the statement in the spec
@@ -41,9 +47,8 @@ class Rewrite(BaseModel):
     bytes_after: int = 0
 
     def key(self, local: str) -> str:
-        """The run's name for one of this rewrite's tensors: `path.local`, or `path[NAME].local` for
-        a named adapter, so several adapters on one module keep their tensors apart."""
-        return f"{self.target.path}[{self.label}].{local}" if self.label else f"{self.target.path}.{local}"
+        """The run's name for one of this rewrite's tensors (`tensor_key`)."""
+        return tensor_key(self.target.path, self.label, local)
 
     @property
     def added_count(self) -> int:
@@ -104,6 +109,7 @@ class _Planner:
     def __init__(self, spec: Spec, graph: ModuleGraph, live: Sequence[LivePatch] = ()) -> None:
         self.spec, self.graph, self.live = spec, graph, tuple(live)
         self.candidates = list(graph.candidates())
+        self.done: list[Rewrite] = []  # the rewrites of the statements planned so far
 
     def error(self, message: str, location: Location | None, hint: str | None = None) -> SpecError:
         return SpecError(message, source=self.spec.source, text=self.spec.text, location=location, hint=hint)
@@ -133,6 +139,8 @@ class _Planner:
             return method.read_words(words)
         except WordError as problem:
             raise self.error(str(problem), problem.word.location, problem.hint) from None
+        except PlanError as problem:
+            raise self.error(str(problem), statement.location) from None
 
     def validate(self, method: type[Method], statement: Statement, from_words: dict[str, Any]) -> MethodParams:
         by_key: dict[str, Param] = {}
@@ -322,15 +330,13 @@ class _Planner:
         args = self.read_words(method, words, statement)
         params = self.validate(method, statement, args.params)
         rewrites = []
-        chosen, lenient, named_by = self.targets(method, statement, args)
-        if method.places_by_role:
-            chosen = self.one_per_role(chosen)
-        for path, slices in chosen.items():
-            info = self.graph.modules[path]
-            try:
-                target = self.target(info, slices, method, named_by.get(path), statement.name)
-            except PlanError as problem:
-                raise self.error(str(problem), statement.location) from None
+        lenient = False
+        if args.adapters:
+            placed = self.placed_over(method, args, params, statement)
+        else:
+            chosen, lenient, named_by = self.targets(method, statement, args)
+            placed = self.placed(method, statement, chosen, named_by)
+        for info, target in placed:
             if lenient and not method.keeps(target, params):
                 continue
             reason = method.check(target, params)
@@ -346,9 +352,43 @@ class _Planner:
                 location=statement.location, label=statement.name, bytes_before=before, bytes_after=after,
             ))
         if not rewrites:
-            raise self.error(f"none of the {len(chosen)} modules the statement matched is one {method.name} acts on "
+            raise self.error(f"none of the {len(placed)} modules the statement matched is one {method.name} acts on "
                              "with these parameters", statement.location, "widen the pattern or change the parameters")
         return rewrites
+
+    def placed(self, method: type[Method], statement: Statement, chosen: dict[str, set[str | None]],
+               named_by: dict[str, str]) -> list[tuple[ModuleInfo, Target]]:
+        if method.places_by_role:
+            chosen = self.one_per_role(chosen)
+        found = []
+        for path, slices in chosen.items():
+            info = self.graph.modules[path]
+            try:
+                found.append((info, self.target(info, slices, method, named_by.get(path), statement.name)))
+            except PlanError as problem:
+                raise self.error(str(problem), statement.location) from None
+        return found
+
+    def placed_over(self, method: type[Method], args: WordArgs, params: MethodParams,
+                    statement: Statement) -> list[tuple[ModuleInfo, Target]]:
+        """The targets of a statement over named adapters, placed by its method from theirs."""
+        if statement.clauses:
+            raise self.error(f"{method.name} acts where the adapters it names sit: it takes no target clause",
+                             statement.clauses[0].location)
+        known = list(dict.fromkeys(r.label for r in self.done if r.label))
+        named: dict[str, list[tuple[Target, str, dict[str, Any]]]] = {}
+        for word in args.adapters:
+            if word.text not in known:
+                raise self.error(f"no adapter named '{word.text}' before this statement", word.location,
+                                 did_you_mean(word.text, known) or "adapters named so far: " + (", ".join(known) or "none"))
+            if word.text in named:
+                raise self.error(f"'{word.text}' is named twice", word.location)
+            named[word.text] = [(r.target, f"{r.verb} {r.method}", r.params) for r in self.done if r.label == word.text]
+        try:
+            targets = method.place_over(named, params)
+        except PlanError as problem:
+            raise self.error(str(problem), statement.location) from None
+        return [(self.graph.modules[t.path], t.model_copy(update={"label": statement.name})) for t in targets]
 
     def check_aliasing(self, info: ModuleInfo, params: MethodParams, statement: Statement) -> None:
         if info.aliases:
@@ -483,6 +523,7 @@ def plan(spec: Spec, graph: ModuleGraph, live: Sequence[LivePatch] = ()) -> Plan
     rewrites: list[Rewrite] = []
     for index, statement in enumerate(spec.statements):
         rewrites += planner.statement_rewrites(index, statement)
+        planner.done = rewrites
     planner.check_claims(rewrites)
     planner.check_live(rewrites, live)
     return Plan(spec=spec, rewrites=planner.order(rewrites), base_parameters=graph.total_parameters(),

@@ -17,6 +17,7 @@ class Node(BaseModel):
 
 class Word(Node):
     text: str
+    quoted: bool = False  # written as a quoted string: `text` is its unescaped content
 
 
 class Param(Node):

@@ -86,3 +86,24 @@ def with_random_biases(model: nn.Module, seed: int = 5) -> nn.Module:
             if name.endswith("bias"):
                 param.add_(torch.randn(param.shape, generator=generator) * 0.1)
     return model
+
+
+def named_lora_twin(base: nn.Module, job: surgeon.Job, configs: dict) -> nn.Module:
+    """PEFT's model on `base` with one adapter per named LoRA adapter of the job (`configs`: name ->
+    peft.LoraConfig, in order), holding the very same tensors; in eval mode."""
+    import peft
+
+    twin = None
+    for name, config in configs.items():
+        if twin is None:
+            twin = peft.get_peft_model(base, config, adapter_name=name)
+        else:
+            twin.add_adapter(name, config)
+    ours = job.added_tensors()
+    with torch.no_grad():
+        for key, param in twin.named_parameters():
+            if ".lora_" in key:  # base_model.model.<path>.lora_A.<name>.weight -> <path>[<name>].lora_A
+                path, _, rest = key.removeprefix("base_model.model.").partition(".lora_")
+                which, name, _ = rest.split(".")
+                param.copy_(ours[f"{path}[{name}].lora_{which}"])
+    return twin.eval()

@@ -4,12 +4,11 @@ weights; through `generate` (greedy and beam search); bad names are refused befo
 
 from __future__ import annotations
 
-import copy
-
 import peft
 import pytest
 import torch
-from conftest import assert_same_model, batch, clone, run, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
+from conftest import assert_same_model, batch, clone, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
+from peft_twin import named_lora_twin
 
 import surgeon
 
@@ -75,22 +74,9 @@ def test_a_mixed_batch_equals_peft_mixed_batch_on_the_same_lora_weights() -> Non
     spec = "\n".join(f"inject lora r={r} alpha={alpha} into *.attn.<q,v> as {name}" for name, (r, alpha) in ranks.items())
     job = surgeon.apply(spec, model, seed=0)
     randomised(job)
-    twin = None
-    for name, (r, alpha) in ranks.items():
-        config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"])
-        if twin is None:
-            twin = peft.get_peft_model(reference, config, adapter_name=name)
-        else:
-            twin.add_adapter(name, config)
-    ours = job.added_tensors()
-    with torch.no_grad():
-        for key, param in twin.named_parameters():
-            if ".lora_" in key:
-                path, _, rest = key.removeprefix("base_model.model.").partition(".lora_")
-                which, name, _ = rest.split(".")
-                param.copy_(ours[f"{path}[{name}].lora_{which}"])
+    twin = named_lora_twin(reference, job, {name: peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"])
+                                            for name, (r, alpha) in ranks.items()})
     names = ["a", "b", None, "c", "d", "a", None, "d"]
-    twin.eval()
     with torch.no_grad():
         theirs = twin(input_ids=ids, adapter_names=[name or "__base__" for name in names]).logits  # PEFT's word
     assert (forward(model, ids, names) - theirs).abs().max() <= 1e-5

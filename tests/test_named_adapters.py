@@ -93,15 +93,19 @@ def test_unknown_names_and_switches_that_cannot_be_are_refused_and_change_nothin
     before = run(model, ids)
     with pytest.raises(surgeon.SurgeonError, match="no adapter named 'aa'.*did you mean 'a'"):
         job.activate("aa")
-    with pytest.raises(PlanError, match="changes the base itself and cannot be switched off"):
+    with pytest.raises(surgeon.SurgeonError, match="adapter 'b' .*changes the base itself and cannot be switched off"):
         job.activate([])  # switching a off succeeds first, then b refuses: a is switched back on
     assert job.active_adapters() == ["a", "b"] and torch.equal(run(model, ids), before)
-    with pytest.raises(surgeon.SurgeonError, match="an adapter name, a list of names or None, not \\[1\\]"):
+    with pytest.raises(surgeon.SurgeonError, match="an adapter name, a list of names, \\{name: weight\\} or None, not \\[1\\]"):
         job.activate([1])
     with pytest.raises(surgeon.SurgeonError, match="not 7"):
         job.activate(7)
-    with pytest.raises(surgeon.SurgeonError, match="weighted combination"):
-        job.activate({"a": 0.5, "b": 0.5})
+    with pytest.raises(surgeon.SurgeonError, match="adapter 'b' \\('train bias' on .*\\): it cannot be weighted"):
+        job.activate({"a": 0.5, "b": 0.5})  # a is weighted first, then b refuses: a's weight is put back
+    with pytest.raises(surgeon.SurgeonError, match="weights are \\{adapter name: number\\}"):
+        job.activate({"a": "half"})
+    assert job.active_adapters() == ["a", "b"] and torch.equal(run(model, ids), before)
+    assert job.manifest.weights == {}
 
 
 def test_merge_needs_every_adapter_on_and_revert_is_exact_after_it() -> None:

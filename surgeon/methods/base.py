@@ -91,6 +91,7 @@ class WordArgs:
     patterns: list[tuple[str, Word]] = field(default_factory=list)
     excepts: list[str] = field(default_factory=list)
     lenient: bool = False
+    adapters: list[Word] = field(default_factory=list)  # named adapters the statement composes (fuse <a,b>)
 
 
 class Patch(ABC):
@@ -122,6 +123,12 @@ class Patch(ABC):
         A patch that changes base tensors in place cannot be switched."""
         raise PlanError(f"{type(self).__name__} changes the base itself and cannot be switched off; "
                         "leave its statement unnamed (unnamed statements are always on)")
+
+    def set_weight(self, weight: float) -> None:
+        """Scale this patch's change by `weight` (`job.activate({name: weight})`: a weighted average
+        of the adapters' outputs); weight 1 computes exactly what the unweighted patch computes.
+        Only a change linear in its scale can be weighted."""
+        raise PlanError("it cannot be weighted: weighted activation scales weight deltas (LoRA, LoHa, LoKr)")
 
     def requantize(self) -> None:
         """After every patch has merged: store the merged weights in this patch's lossy format
@@ -204,6 +211,14 @@ class Method(ABC):
         return WordArgs()
 
     @classmethod
+    def place_over(cls, named: dict[str, list[tuple[Target, str, dict[str, Any]]]],
+                   params: MethodParams) -> list[Target]:
+        """For a statement over named adapters (`fuse adapters <a,b>`, its words name them in
+        `WordArgs.adapters`): its targets, from the (target, method as said, params) of each named
+        adapter's rewrites; a PlanError says why they do not compose."""
+        raise PlanError(f"{cls.verb} {cls.name} does not compose named adapters")
+
+    @classmethod
     def memory(cls, target: Target, params: MethodParams) -> tuple[int, int]:
         """Bytes of the target's own tensors before and after the rewrite (added ones apart)."""
         return 0, 0
@@ -276,15 +291,16 @@ class Method(ABC):
 @dataclass
 class DropSwitch:
     """The handle on one adapter-family module (a bottleneck adapter, a layer's prefix): while it
-    is `off` the module adds nothing and the layer computes what the base computes. AdapterDrop
-    sets `dropped` (per forward); `job.activate` sets `inactive` (named adapters)."""
+    is `off` the module adds nothing on its own and the layer computes what the base computes.
+    AdapterDrop sets `dropped` (per forward); `job.activate` sets `inactive` (named adapters)."""
 
     dropped: bool = False
     inactive: bool = False
+    fused: bool = False  # an AdapterFusion layer computes with the module instead (fusion.py)
 
     @property
     def off(self) -> bool:
-        return self.dropped or self.inactive
+        return self.dropped or self.inactive or self.fused
 
 
 DROP_SWITCH = "_surgeon_drop_switch"  # the module attribute (in __dict__) holding its DropSwitch
@@ -419,6 +435,15 @@ class WrapPatch(Patch):
             self.wrapper.__dict__.pop("forward", None)
         else:
             self.wrapper.__dict__["forward"] = self.wrapper._modules["base"].__call__
+
+    def set_weight(self, weight: float) -> None:
+        """The wrapper's delta scaled: its `scale` times `weight` (wrappers that declare `weighable`)."""
+        if not getattr(self.wrapper, "weighable", False):
+            super().set_weight(weight)
+        if self.merged_into is not None:
+            raise PlanError(f"{self.attr} is merged into the weights and cannot be weighted; revert to weight it")
+        unweighted = self.wrapper.__dict__.setdefault("_surgeon_unweighted_scale", self.wrapper.scale)
+        self.wrapper.scale = unweighted if weight == 1 else unweighted * weight
 
     def revert(self) -> None:
         target = unwrap(self.original)

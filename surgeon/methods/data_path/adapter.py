@@ -183,7 +183,7 @@ class AdapterPatch(Patch):
     """The adapter modules registered on `owner` (the layer, or the sub-block an explicit placement
     names) and the hooks on the layer's modules that wire them in."""
 
-    def __init__(self, owner: nn.Module, layer: nn.Module, modules: dict[str, Bottleneck]) -> None:
+    def __init__(self, owner: nn.Module, layer: nn.Module, modules: dict[str, nn.Module]) -> None:
         self.owner, self.layer, self.modules, self.handles = owner, layer, modules, []
         self.captured: dict[str, torch.Tensor] = {}
         for name in modules:
@@ -219,7 +219,7 @@ def _keep(kept: dict[str, torch.Tensor], name: str, index: int) -> Any:
     return pre
 
 
-def _after(patch: AdapterPatch, path: str, adapter: Bottleneck) -> None:
+def _after(patch: AdapterPatch, path: str, adapter: nn.Module) -> None:
     """h -> A(h) + h at the output of the module at `path`."""
     def post(module: nn.Module, args: tuple, out: Any) -> Any:
         return None if adapter.dropped else _replace_first(out, adapter(_first(out)) + _first(out))
@@ -250,7 +250,6 @@ def _wire_explicit(patch: AdapterPatch, placement: Placement, target: Target) ->
 
 
 def _wire(patch: AdapterPatch, placement: Placement, params: AdapterParams) -> None:
-    kept = patch.captured
     at = {site_of(name): module for name, module in patch.modules.items()}
     output = at["adapter_output"]
     if params.config == "houlsby":
@@ -258,9 +257,18 @@ def _wire(patch: AdapterPatch, placement: Placement, params: AdapterParams) -> N
         _after(patch, placement.ffn_out, output)
     elif params.config == "parallel":
         _beside(patch, (placement.ffn_in, placement.ffn_in_arg), placement.ffn_out, output)
-    elif placement.ffn_norm is None:  # pfeiffer, pre-norm: on the block's output z = r + h
+    else:
+        wire_pfeiffer(patch, placement, output)
+
+
+def wire_pfeiffer(patch: AdapterPatch, placement: Placement, output: nn.Module) -> None:
+    """`output` (A) where pfeiffer's adapter acts: on the FFN block's output z, y = A(z) + z after
+    its residual (pre-norm), or y = LN(A(z) + h + r) with the FFN's own norm (post-norm). An
+    AdapterFusion layer is wired here as its adapters are."""
+    kept = patch.captured
+    if placement.ffn_norm is None:  # pre-norm: on the block's output z = r + h
         _after(patch, placement.ffn_block, output)
-    else:  # pfeiffer, post-norm: z = LN(h + r), then LN(A(z) + h + r) with the same norm
+    else:  # post-norm: z = LN(h + r), then LN(A(z) + h + r) with the same norm
         # h + r is the norm's own input, so what other adapters added to h (houlsby's) stays in it
         patch.hook(placement.ffn_norm, "pre", _keep(kept, "h+r", 0))
 

@@ -41,6 +41,8 @@ def _parts(target_slices: dict[str, tuple[int, int]], d_out: int) -> list[tuple[
 class DoraLinear(LoraLinear):
     """DoRA on nn.Linear or transformers' Conv1D (or a quantized one), whole or on slices."""
 
+    weighable = False  # the magnitude renormalises the direction: not linear in the scale
+
     def __init__(self, base: nn.Module, target: Target, params: LoraParams, init: bool,
                  generator: torch.Generator | None = None) -> None:
         super().__init__(base, target, params, init, generator)

@@ -64,6 +64,7 @@ class FactoredDelta(WrapsLayer, nn.Module):
     where cheaper than x @ delta^T, the output (`part_output`)."""
 
     rescale_rank_dropout: bool = True
+    weighable = True  # its output is linear in `scale`: job.activate({name: weight}) scales it
 
     def __init__(self, base: nn.Module, target: Target, params: Any, scale: float, init: bool,
                  generator: torch.Generator | None = None) -> None:

@@ -65,6 +65,7 @@ def own_dtype(wrapper: nn.Module) -> torch.dtype:
 
 
 class _LoraBase(WrapsLayer, nn.Module):
+    weighable = True  # its output is linear in `scale`: job.activate({name: weight}) scales it
     def __init__(self, base: nn.Module, params: LoraParams, label: str | None = None) -> None:
         super().__init__()
         self.base = base
