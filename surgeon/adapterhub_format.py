@@ -272,6 +272,10 @@ def _adapter_rewrites(rewrites: list[Any]) -> list[Any]:
                           f"else; this run also has {', '.join(others)}, which cannot be exported to AdapterHub")
     if not rewrites:
         raise ExportError("the run adds no bottleneck adapter (inject adapter): nothing to export to AdapterHub")
+    names = sorted({r.label or "(unnamed)" for r in rewrites})
+    if len(names) > 1:
+        raise ExportError(f"an AdapterHub saved adapter holds one adapter; this run has {', '.join(names)}: "
+                          "save each in a run of its own to export it")
     return rewrites
 
 

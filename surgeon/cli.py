@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -224,6 +224,18 @@ def _rerun_and_write(run: Path, out_dir: Path, force: bool, as_json: bool, doing
     return manifest
 
 
+def _adapter_weights(given: list[str]) -> dict[str, float]:
+    """--adapter NAME / NAME=WEIGHT, as {name: weight}."""
+    weights: dict[str, float] = {}
+    for item in given:
+        name, _, weight = item.partition("=")
+        try:
+            weights[name.strip()] = float(weight) if weight else 1.0
+        except ValueError:
+            raise SurgeonError(f"--adapter {item!r}: the weight after '=' is a number (NAME=0.5)") from None
+    return weights
+
+
 @app.command()
 @user_errors
 def merge(
@@ -231,6 +243,9 @@ def merge(
     out_dir: Annotated[Path, typer.Option("--out", help="directory for the merged checkpoint")],
     requantize: Annotated[bool, typer.Option(help="quantize the merged layers again and write bitsandbytes' "
                                                   "4-bit format (transformers loads it with bitsandbytes)")] = False,
+    adapter: Annotated[list[str] | None, typer.Option(
+        "--adapter", help="merge only this named adapter (repeat for several, stacked; NAME=WEIGHT for a weighted "
+                          "combination); the run's other named adapters are left out")] = None,
     model: ModelOpt = None,
     checkpoint: CheckpointOpt = None,
     force: Annotated[bool, typer.Option(help="replace a non-empty --out")] = False,
@@ -240,30 +255,40 @@ def merge(
 
     Quantized layers are written dequantized, in the original weights' dtype, unless --requantize
     quantizes them again (same type, block size, double quantization). The max abs difference
-    between the merged and the unmerged forward on a sample input is reported."""
+    between the merged and the unmerged forward on a sample input is reported. With --adapter,
+    only the named adapters given (and the run's unnamed statements) are folded in."""
     report: dict[str, float | None] = {"max_abs_diff": None}
+    chosen = _adapter_weights(adapter) if adapter else None
+    kept_open = ExitStack()  # a partial merge lives inside job.merged(...): open until written
 
     def merge_and_compare(job: Job) -> nn.Module:
         if requantize:
             check_bnb_4bit(job.model)  # before any work: int8, mixed types, nothing quantized
+        if chosen is not None:
+            job.activate(chosen)
         before = sample_output(job.model)
-        merged = job.merge(requantize=requantize)
+        if chosen is None:
+            merged = job.merge(requantize=requantize)
+        else:
+            merged = kept_open.enter_context(job.merged(chosen, requantize=requantize))
         after = sample_output(merged)
         if before is not None and after is not None:
             report["max_abs_diff"] = (after - before).abs().max().item()
         return merged
 
     write = save_bnb_4bit if requantize else save_base_model
-    manifest = _rerun_and_write(run, out_dir, force, as_json, "merging", merge_and_compare, write, model=model,
-                                checkpoint=checkpoint)
+    with kept_open:
+        manifest = _rerun_and_write(run, out_dir, force, as_json, "merging", merge_and_compare, write, model=model,
+                                    checkpoint=checkpoint)
+    merged_count = sum(1 for record in manifest.patches if chosen is None or record.name in (None, *chosen))
     if as_json:
-        print(json.dumps({"ok": True, "out": str(out_dir), "merged": len(manifest.patches),
+        print(json.dumps({"ok": True, "out": str(out_dir), "merged": merged_count,
                           "requantized": requantize} | report))
         return
     diff = report["max_abs_diff"]
     compared = f"; merged vs unmerged forward on a sample input: max abs diff {diff:.3g}" if diff is not None else ""
     again = " (requantized, bitsandbytes 4-bit format)" if requantize else ""
-    out.print(f"merged {len(manifest.patches)} patches{again}{compared}; wrote {out_dir}")
+    out.print(f"merged {merged_count} patches{again}{compared}; wrote {out_dir}")
 
 
 @app.command()
@@ -319,17 +344,24 @@ def export(
         raise SurgeonError(f"unknown format '{format}': the export formats are 'peft' and 'adapterhub'")
     _rerun_and_write(run, out_dir, force, as_json, "exporting", lambda job: job,
                      lambda job, path: job.save(path, format=format), model=model, checkpoint=checkpoint)
-    config = json.loads((out_dir / "adapter_config.json").read_text())
     if format == "adapterhub":
-        _say_adapterhub_export(config, out_dir, as_json)
+        _say_adapterhub_export(json.loads((out_dir / "adapter_config.json").read_text()), out_dir, as_json)
         return
-    modules = config.get("target_modules")  # none for prompt learning: one top-level prompt
+    written = {path.parent: json.loads(path.read_text()) for path in sorted(out_dir.glob("**/adapter_config.json"))}
     if as_json:
-        print(json.dumps({"ok": True, "out": str(out_dir), "peft_type": config["peft_type"],
-                          "target_modules": modules}))
+        adapters = {str(folder.relative_to(out_dir)) if folder != out_dir else "default":
+                    {"peft_type": config["peft_type"], "target_modules": config.get("target_modules")}
+                    for folder, config in written.items()}
+        print(json.dumps({"ok": True, "out": str(out_dir), **adapters.get("default", {}), "adapters": adapters}))
         return
-    where = f" for {len(modules)} module names" if modules else ""
-    out.print(f"wrote a PEFT {config['peft_type']} adapter{where} to {out_dir}")
+    for folder, config in written.items():
+        modules = config.get("target_modules")  # none for prompt learning: one top-level prompt
+        where = f" for {len(modules)} module names" if modules else ""
+        named = f" '{folder.name}'" if folder != out_dir else ""
+        out.print(f"wrote a PEFT {config['peft_type']} adapter{named}{where} to {folder}")
+    if len(written) > 1:
+        out.print(f"load them with PeftModel.from_pretrained(base, '{out_dir}/NAME', adapter_name='NAME') and "
+                  "model.load_adapter(...) for the others")
 
 
 def _say_adapterhub_export(saved: dict[str, Any], out_dir: Path, as_json: bool) -> None:

@@ -442,15 +442,9 @@ class Job:
         surgery = self._live()
         if self._inactive:
             raise PlanError(f"adapters {sorted(self._inactive)} are switched off: merge folds every adapter in; "
-                            "activate them all first (job.activate(job.adapter_names())) or revert")
-        stuck: dict[type, list[str]] = {}
-        for rewrite, patch in surgery.patches:
-            if not patch.mergeable:
-                stuck.setdefault(method_of(rewrite), []).append(rewrite.target.path)
-        if stuck:
-            raise PlanError("cannot merge: " + "; ".join(
-                f"'{method.verb} {method.name}' ({', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''}) "
-                f"is not mergeable: {method.unmergeable_because}" for method, paths in stuck.items()))
+                            "activate them all first (job.activate(job.adapter_names())), or merge only some inside "
+                            "`with job.merged(names):`")
+        self._check_mergeable(surgery.patches)
         with transaction(surgery.model, surgery.patches):
             for _, patch in surgery.patches:
                 patch.merge()
@@ -460,6 +454,45 @@ class Job:
         merged = [record.model_copy(update={"merged": True}) for record in self.manifest.patches]
         surgery.manifest = self.manifest.model_copy(update={"patches": merged})
         return self.model
+
+    @contextmanager
+    def merged(self, adapters: str | list[str] | dict[str, float], requantize: bool = False) -> Iterator[nn.Module]:
+        """Inside the block the model holds `adapters` (and the unnamed statements) folded into its
+        weights, weighted as a {name: weight} says, and no other named adapter: a stock model to
+        save (`surgeon merge RUN --adapter NAME`). On leaving, the very same objects are back as
+        they were, adapters switched as before; nothing done inside survives the block."""
+        surgery = self._live()
+        trained = {name: p for _, patch in surgery.patches for name, p in patch.trained_base_parameters().items()}
+        snapshot = Snapshot(surgery, surgery.model, surgery.patches, values=tuple(trained.values()))
+        try:
+            self.activate(adapters)
+            aside = [(r, p) for r, p in surgery.patches if r.label in self._inactive]
+            with torch.no_grad():
+                for _, patch in reversed(aside):
+                    patch.revert()
+                    for name, param in patch.trained_base_parameters().items():
+                        param.copy_(surgery.base_originals[name])
+            set_aside = {id(p) for _, p in aside}
+            kept = [(r, p) for r, p in surgery.patches if id(p) not in set_aside]
+            self._check_mergeable(kept)
+            for _, patch in kept:
+                patch.merge()
+            if requantize:
+                for _, patch in kept:
+                    patch.requantize()
+            yield surgery.model
+        finally:
+            snapshot.restore()
+
+    def _check_mergeable(self, patches: list[tuple[Rewrite, Patch]]) -> None:
+        stuck: dict[type, list[str]] = {}
+        for rewrite, patch in patches:
+            if not patch.mergeable:
+                stuck.setdefault(method_of(rewrite), []).append(rewrite.target.path)
+        if stuck:
+            raise PlanError("cannot merge: " + "; ".join(
+                f"'{method.verb} {method.name}' ({', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''}) "
+                f"is not mergeable: {method.unmergeable_because}" for method, paths in stuck.items()))
 
     def fold(self) -> nn.Module:
         """Replace training-time reparameterisations by the plain tensors they produce (prefix

@@ -34,10 +34,29 @@ _PER_MODULE = {"r": "rank_pattern", "lora_alpha": "alpha_pattern", "alpha": "alp
 
 def export_peft(patches: list[tuple[Rewrite, Any]], out_dir: Path, base_model: str | None = None,
                 model: nn.Module | None = None) -> dict[str, Any]:
-    """Write the adapter directory for a live surgery's (rewrite, patch) pairs; the config written.
-    With `model`, module lists are written as PEFT users write them (`["q_proj", "v_proj"]`)
-    where those names pick exactly the same modules."""
+    """Write the adapter directory for a live surgery's (rewrite, patch) pairs; the config written
+    (of the unnamed statements, or of the first named adapter). Named adapters go one per
+    sub-directory of their name, as PEFT's save_pretrained writes several adapters
+    (`PeftModel.from_pretrained(base, out/"a", adapter_name="a")`, then `load_adapter(out/"b", "b")`);
+    the unnamed statements, PEFT's "default" adapter, in `out_dir` itself. Everything is checked
+    before anything is written."""
     adapters = [(r, p) for r, p in patches if method_of(r).verb != "quantize"]
+    groups: dict[str | None, list[tuple[Rewrite, Any]]] = {}
+    for rewrite, patch in adapters:
+        groups.setdefault(rewrite.label, []).append((rewrite, patch))
+    if len(groups) <= 1:
+        return _export_one(adapters, out_dir, base_model, model)
+    if "default" in groups:
+        raise ExportError("an adapter named 'default' is PEFT's name for the unnamed statements: rename it to export")
+    staged = {label: _export_one(group, None, base_model, model) for label, group in groups.items()}  # checks all
+    for label, group in groups.items():
+        _export_one(group, out_dir / label if label else out_dir, base_model, model)
+    return staged[next(iter(groups))]
+
+
+def _export_one(adapters: list[tuple[Rewrite, Any]], out_dir: Path | None, base_model: str | None,
+                model: nn.Module | None) -> dict[str, Any]:
+    """One PEFT adapter (one config) of `adapters` into `out_dir` (None: checked, not written)."""
     saved = [(r, p) for r, p in adapters if method_of(r).peft_scope == "modules_to_save"]
     adapters = [(r, p) for r, p in adapters if method_of(r).peft_scope != "modules_to_save"]
     if not adapters:
@@ -67,10 +86,16 @@ def export_peft(patches: list[tuple[Rewrite, Any]], out_dir: Path, base_model: s
         for key in ("target_modules", "feedforward_modules"):
             if isinstance(config.get(key), list):
                 config[key] = _short_names(config[key], names)
+    _write(out_dir, tensors, config)
+    return config
+
+
+def _write(out_dir: Path | None, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    if out_dir is None:
+        return
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(out_dir / WEIGHTS_FILE))
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return config
 
 
 def _export_saved(saved: list[tuple[Rewrite, Any]], targets: set[str], model: nn.Module | None,
@@ -115,7 +140,7 @@ def _saved_names(paths: list[str], model: nn.Module | None) -> list[str]:
     return short if picked == whole else sorted(whole)
 
 
-def _export_prompt_learning(adapters: list[tuple[Rewrite, Any]], out_dir: Path, base_model: str | None,
+def _export_prompt_learning(adapters: list[tuple[Rewrite, Any]], out_dir: Path | None, base_model: str | None,
                             model: nn.Module | None) -> dict[str, Any]:
     """PEFT's prompt learning: one statement, its tensors at the top level, a task type."""
     statements = {r.statement for r, _ in adapters}
@@ -132,9 +157,7 @@ def _export_prompt_learning(adapters: list[tuple[Rewrite, Any]], out_dir: Path, 
     config = {"peft_type": method.peft_type} | method.peft_config(params) | method.peft_target_config(params, targets)
     config |= {"task_type": config.get("task_type") or _task_type(model), "base_model_name_or_path": base_model,
                "inference_mode": True}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(out_dir / WEIGHTS_FILE))
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _write(out_dir, tensors, config)
     return config
 
 

@@ -349,7 +349,7 @@ class _Planner:
                 params=params.model_dump(), target=target, added=method.added_shapes(target, params),
                 trained=(trained := method.trained_shapes(target, params)),
                 trained_tensors={n: info.params[n].name for n in trained if n in info.params},
-                location=statement.location, label=statement.name, bytes_before=before, bytes_after=after,
+                location=statement.location, label=target.label, bytes_before=before, bytes_after=after,
             ))
         if not rewrites:
             raise self.error(f"none of the {len(placed)} modules the statement matched is one {method.name} acts on "
@@ -388,7 +388,9 @@ class _Planner:
             targets = method.place_over(named, params)
         except PlanError as problem:
             raise self.error(str(problem), statement.location) from None
-        return [(self.graph.modules[t.path], t.model_copy(update={"label": statement.name})) for t in targets]
+        # a target the method names (a gate: its adapter's) keeps it; the others take the statement's
+        return [(self.graph.modules[t.path], t if t.label else t.model_copy(update={"label": statement.name}))
+                for t in targets]
 
     def check_aliasing(self, info: ModuleInfo, params: MethodParams, statement: Statement) -> None:
         if info.aliases:

@@ -304,6 +304,22 @@ class DropSwitch:
 
 
 DROP_SWITCH = "_surgeon_drop_switch"  # the module attribute (in __dict__) holding its DropSwitch
+# UniPELT's gate on an adapter's module (a LoRA wrapper, a bottleneck): its child of this name,
+# whose tensors are the gate statement's (data_path/gate.py), not the adapter's
+GATE = "gate"
+
+
+def gate_of(module: nn.Module, child: str = GATE) -> nn.Module | None:
+    """The module's gate, when a gate statement gave it one and it is on."""
+    gate = module._modules.get(child)
+    return gate if gate is not None and getattr(gate, "active", False) else None
+
+
+def own_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """An adapter module's parameters, without its gate's (and without what it wraps)."""
+    for name, param in module.named_parameters():
+        if not name.startswith(("base.", GATE + ".")):
+            yield name, param
 
 
 def drop_switches(module: nn.Module) -> list[DropSwitch]:
@@ -386,7 +402,7 @@ class WrapPatch(Patch):
         setattr(parent, attr, wrapper)
 
     def added_parameters(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.wrapper.named_parameters() if not n.startswith("base.")}
+        return dict(own_parameters(self.wrapper))
 
     def slot(self) -> tuple[nn.Module, str] | None:
         """(module, attribute) holding this patch's wrapper now: the parent's attribute, or the

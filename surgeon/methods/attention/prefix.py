@@ -41,6 +41,7 @@ from pydantic import Field
 from torch import nn
 
 from surgeon.errors import ExportError, PlanError, SurgeonError
+from surgeon.graph import unwrap
 from surgeon.methods._rng import draw
 from surgeon.methods.base import DROP_SWITCH, ApplyContext, DropSwitch, Method, MethodParams, Patch, Target, register
 
@@ -80,6 +81,7 @@ def _kv_shape(inner: nn.Module) -> tuple[int, int]:
     kv_dim = None
     for name in ("k_proj", "key", "k"):
         child = getattr(inner, name, None)
+        child = unwrap(child) if isinstance(child, nn.Module) else child  # under a LoRA of an earlier statement
         if isinstance(child, nn.Linear):
             kv_dim = child.out_features
     if kv_dim is None and hasattr(inner, "split_size"):  # GPT-2's fused c_attn: q, k, v of split_size each
@@ -165,6 +167,8 @@ class _Layer:
     switch: DropSwitch = field(default_factory=DropSwitch)
     # positions=adapterhub on T5: the stack's attention that holds the relative position table
     bias_source: nn.Module | None = None
+    gate: nn.Module | None = None  # UniPELT's prefix gate (data_path/gate.py), and the input it reads
+    gate_input: torch.Tensor | None = None
 
     def block(self) -> torch.Tensor:
         """(P, 2*kv_dim): this layer's K and V columns."""
@@ -177,7 +181,11 @@ class _Layer:
         block = self.block().to(like.dtype)
         k, v = block.view(self.tokens, 2, self.n_kv, self.head_dim).permute(1, 2, 0, 3)
         shape = (like.shape[0], self.n_kv, self.tokens, self.head_dim)
-        return k.unsqueeze(0).expand(shape), v.unsqueeze(0).expand(shape)
+        k, v = k.unsqueeze(0).expand(shape), v.unsqueeze(0).expand(shape)
+        if self.gate is not None and getattr(self.gate, "active", False) and self.gate_input is not None:
+            g = self.gate(self.gate_input.to(self.gate.weight.dtype)).to(like.dtype)  # (batch, 1 or 2)
+            k, v = k * g[:, 0].view(-1, 1, 1, 1), v * g[:, -1].view(-1, 1, 1, 1)
+        return k, v
 
 
 # The live state hangs off the objects it belongs to (not global dicts keyed by id(), which a new

@@ -45,7 +45,8 @@ from torch import nn
 from surgeon.errors import SurgeryError
 from surgeon.methods._rng import draw
 from surgeon.methods.rows import routed_rows
-from surgeon.methods.base import DROP_SWITCH, ApplyContext, DropSwitch, Method, MethodParams, Patch, Target, register
+from surgeon.methods.base import (DROP_SWITCH, ApplyContext, DropSwitch, Method, MethodParams, Patch, Target, gate_of,
+                                  own_parameters, register)
 
 _DEFAULTS = {  # config -> (reduction, activation, scale), AdapterHub's SeqBn/DoubleSeqBn/ParBn configs
     "pfeiffer": (16.0, "relu", 1.0),
@@ -154,7 +155,11 @@ class Bottleneck(nn.Module):
         rows = routed_rows(self.label, x)
         h = x if rows is None else x[rows]
         up = self.adapter_up(self.adapter_down(h.to(self.adapter_up.weight.dtype)))
-        up = (up * self.scale if self.scale != 1.0 else up).to(x.dtype)
+        up = up * self.scale if self.scale != 1.0 else up
+        gate = gate_of(self)
+        if gate is not None:  # UniPELT: scaled by mean_seq(sigmoid(W z + b)), z the adapter's input
+            up = up * gate(h).unsqueeze(-1)
+        up = up.to(x.dtype)
         return up if rows is None else torch.zeros_like(x).index_copy(0, rows, up)
 
     def initialise(self, init: str, generator: torch.Generator | None) -> None:
@@ -194,7 +199,7 @@ class AdapterPatch(Patch):
             owner.add_module(name, module)
 
     def added_parameters(self) -> dict[str, nn.Parameter]:
-        return {f"{name}.{n}": p for name, module in self.modules.items() for n, p in module.named_parameters()}
+        return {f"{name}.{n}": p for name, module in self.modules.items() for n, p in own_parameters(module)}
 
     def set_active(self, active: bool) -> None:
         for module in self.modules.values():

@@ -185,7 +185,7 @@ class Fuse(Method):
                 raise PlanError(f"'{first}' and '{name}' sit at different places ({len(places[first])} and "
                                 f"{len(places[name])} layers; not both in {', '.join(only[:3])}): a fusion needs "
                                 "its adapters in the same layers")
-        return [target.model_copy(update={"preposition": None}) for target, _, _ in named[first]]
+        return [target.model_copy(update={"preposition": None, "label": None}) for target, _, _ in named[first]]
 
     @classmethod
     def check(cls, target: Target, params: MethodParams) -> str | None:

@@ -20,7 +20,7 @@ from surgeon.errors import ExportError
 from surgeon.graph import unwrap
 from surgeon.methods._rng import draw
 from surgeon.methods.rows import add_on_rows, routed_rows
-from surgeon.methods.base import (ApplyContext, Method, MethodParams, Patch, Target, WrapPatch, WrapsLayer,
+from surgeon.methods.base import (ApplyContext, Method, MethodParams, Patch, Target, WrapPatch, WrapsLayer, gate_of,
                                   locate, register)
 
 
@@ -114,12 +114,26 @@ class LoraLinear(_LoraBase):
         if rows is not None:  # a mixed batch: only the rows that name this adapter
             x = x[rows]
         h = self.dropout(x).to(self.dtype)  # LoRA's own dtype, as PEFT (a quantized base may compute in another)
+        gate = gate_of(self)
+        if gate is not None:  # UniPELT: the gate replaces alpha/r, one column per slice
+            return self._gated(out, rows, h, gate(x.to(self.dtype)))
         if not self.slices:
             # one fused multiply-add instead of a scale and an add (PEFT does two)
             return add_on_rows(out, rows, F.linear(F.linear(h, self.lora_A), self.lora_B).to(out.dtype), self.scale)
         for name, span in self.slices.items():
             a, b = getattr(self, f"lora_A_{name}"), getattr(self, f"lora_B_{name}")
             add_on_rows(out, rows, F.linear(F.linear(h, a), b).to(out.dtype), self.scale, span)
+        return out
+
+    def _gated(self, out: torch.Tensor, rows: torch.Tensor | None, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """out + B A h * g, g (batch, slices) one gate value per row and slice."""
+        per_row = (-1, *([1] * (h.dim() - 1)))
+        if not self.slices:
+            delta = F.linear(F.linear(h, self.lora_A), self.lora_B) * g[:, 0].view(per_row)
+            return add_on_rows(out, rows, delta.to(out.dtype))
+        for column, (name, span) in enumerate(self.slices.items()):
+            a, b = getattr(self, f"lora_A_{name}"), getattr(self, f"lora_B_{name}")
+            add_on_rows(out, rows, (F.linear(F.linear(h, a), b) * g[:, column].view(per_row)).to(out.dtype), 1.0, span)
         return out
 
     def delta_weights(self) -> dict[str, torch.Tensor]:
