@@ -28,6 +28,7 @@ from surgeon.adapterhub_format import describe as describe_adapterhub
 from surgeon.adapterhub_format import fusion_folder, is_adapterhub_dir
 from surgeon.job import Job, import_adapterhub, import_adapterhub_fusion, import_peft, load
 from surgeon.language import parse_spec, read_spec_text
+from surgeon.loads import expand_loads
 from surgeon.manifest import Manifest, read_manifest
 from surgeon.methods.base import registry
 from surgeon.models import load_model, reload_source, sample_output, save_base_model
@@ -99,7 +100,7 @@ def _plan_for(spec: str, model_ref: str, checkpoint: str | None) -> tuple[Plan, 
     parsed = parse_spec(text, source)
     model, _ = load_model(model_ref, checkpoint=checkpoint, meta=True)
     graph = build_module_graph(model)
-    return plan(parsed, graph), graph
+    return plan(expand_loads(parsed, model)[0], graph), graph
 
 
 def _plan_json(the_plan: Plan) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from torch import nn
 
 from surgeon.errors import Location, ManifestError, SpecError
 from surgeon.language import parse_spec
-from surgeon.manifest import ADAPTER_FILE, Manifest, read_manifest
+from surgeon.manifest import ADAPTER_FILE, Manifest, TensorRecord, read_manifest
 from surgeon.planner import tensor_key
 from surgeon.revert import check_tensors
 from surgeon.spec import Spec, Statement
@@ -87,7 +87,7 @@ def _read_load(spec: Spec, statement: Statement, base_dir: Path, model: nn.Modul
     directory = (base_dir / words[1].text) if not Path(words[1].text).is_absolute() else Path(words[1].text)
     try:
         manifest = read_manifest(directory)
-        problem = check_tensors(model, manifest.fingerprint)
+        problem = check_tensors(model, _comparable(manifest, model))
         if problem:
             raise ManifestError(f"{directory} was trained on another base model: {problem}")
         statements = _statements(manifest, directory, statement.name)
@@ -96,6 +96,14 @@ def _read_load(spec: Spec, statement: Statement, base_dir: Path, model: nn.Modul
         raise _error(spec, str(err), words[1].location) from None
     comment = f"# {VERB} adapters {words[1].text!r} as {statement.name}: its statements, named {statement.name}"
     return "\n".join([comment, *statements]), LoadedRun(statement.name, trainable, directory, tensors)
+
+
+def _comparable(manifest: Manifest, model: nn.Module) -> dict[str, TensorRecord]:
+    """The run's fingerprint of its base; names, dtypes and shapes alone for a model without
+    weights (`surgeon check` plans on the meta device)."""
+    if any(p.device.type == "meta" for p in model.parameters()):
+        return {name: record.model_copy(update={"sha256": None}) for name, record in manifest.fingerprint.items()}
+    return manifest.fingerprint
 
 
 def _statements(manifest: Manifest, directory: Path, name: str) -> list[str]:

@@ -19,7 +19,8 @@ def plan_summary(the_plan: Plan) -> dict[str, Any]:
         {
             "target": r.target.path,
             "role": r.target.role,
-            "method": f"{r.verb} {r.method}",
+            "method": _said(r.verb, r.method),
+            "name": r.label,
             "type": r.target.type_name,
             "slices": list(r.target.slices),
             "weight_shape": r.target.weight_shape,
@@ -57,9 +58,14 @@ def _per_method(the_plan: Plan) -> dict[str, int]:
     """Trainable parameters each method brings (added plus the base's own it trains)."""
     counts: dict[str, int] = {}
     for r in the_plan.rewrites:
-        key = f"{r.verb} {r.method}"
+        key = _said(r.verb, r.method)
         counts[key] = counts.get(key, 0) + r.added_count + r.trained_count
     return counts
+
+
+def _said(verb: str, method: str) -> str:
+    """How a statement says the method: `inject lora`, `quantize` and `fuse` (registered under their verb)."""
+    return verb if method == verb else f"{verb} {method}"
 
 
 def _human_bytes(n: float) -> str:
@@ -90,7 +96,8 @@ def print_plan(summary: dict[str, Any], out: Console) -> None:
         if r["slices"]:
             shape += f" [{','.join(r['slices'])}]"
         role = ",".join(r["slices"]) if r["slices"] else r["role"] or ""
-        table.add_row(r["target"], role, r["method"], escape(shape), _trainable_cell(r))
+        method = f"{r['method']} as {r['name']}" if r.get("name") else r["method"]
+        table.add_row(escape(r["target"]), escape(role), escape(method), escape(shape), escape(_trainable_cell(r)))
     out.print(table)
     out.print("per method: " + "; ".join(f"{method} {count:,}" for method, count in summary["per_method"].items()))
     totals = summary["totals"]

@@ -231,3 +231,12 @@ def test_an_unknown_format_names_the_formats(tmp_path: Path) -> None:
     result = cli("export", run_dir, "--format", "adapterhu", "--out", tmp_path / "adapter")
     assert result.exit_code == 2 and "the export formats are 'peft' and 'adapterhub'" in result.output
     assert not (tmp_path / "adapter").exists()
+
+
+def test_a_run_of_several_named_adapters_is_refused_for_adapterhub(tmp_path) -> None:
+    from conftest import tiny_llama
+
+    job = surgeon.apply("inject adapter as a\ninject adapter as b", tiny_llama())
+    with pytest.raises(surgeon.SurgeonError, match="holds one adapter; this run has a, b"):
+        job.save(tmp_path / "ah", format="adapterhub")
+    assert not (tmp_path / "ah").exists()

@@ -140,3 +140,19 @@ def test_bad_loads_are_refused_at_the_path_and_change_nothing(two_runs: Path) ->
         with pytest.raises(SpecError, match=expected):
             surgeon.apply(spec, model)
         assert_same_model(model, original)
+
+
+def test_surgeon_check_plans_a_spec_that_loads_runs(two_runs: Path) -> None:
+    """`surgeon check` (the model on the meta device, no weights read) plans the loaded statements."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from surgeon.cli import app
+
+    (two_runs / "fuse.peft").write_text('load adapters "runs/sentiment" as sentiment\n'
+                                        'load adapters "runs/nli" as nli\nfuse adapters <sentiment,nli>\n')
+    result = CliRunner().invoke(app, ["check", str(two_runs / "fuse.peft"), "conftest:tiny_llama", "--json"])
+    assert result.exit_code == 0, result.output
+    methods = [r["method"] for r in json.loads(result.output)["rewrites"]]
+    assert methods.count("inject adapter") == 4 and methods.count("fuse") == 2

@@ -145,3 +145,21 @@ def test_a_gate_is_switched_with_its_adapter_and_revert_is_exact() -> None:
         job.merge()
     job.revert()
     assert_same_model(model, original)
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    ("inject lora into *.attn.q as lora\ngate <lora,prefx>", "no adapter named 'prefx' before this statement"),
+    ("inject ia3 into *.attn.q as a\ngate <a>", "'a' is 'inject ia3': gate scales LoRA"),
+    ("inject adapter config=houlsby as a\ngate <a>", "'a' is 'inject adapter config=houlsby'"),
+    ("inject lora into *.attn.q as a\ngate <a> into *.attn.q", "takes no target clause"),
+    ("inject lora into *.attn.q as a\ngate a", "gate takes a list of adapter names"),
+])
+def test_a_gate_over_what_it_cannot_gate_is_refused_where_it_is_written(spec: str, expected: str) -> None:
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    original = clone(model)
+    with pytest.raises(surgeon.SurgeonError, match=expected) as err:
+        surgeon.apply(spec, model)
+    assert ":2:" in str(err.value)
+    assert_same_model(model, original)

@@ -127,7 +127,8 @@ class GateMethod(Method):
                 if method not in _GATED:
                     raise PlanError(f"'{name}' is '{method}': gate scales LoRA, bottleneck adapters and prefixes "
                                     "(inject lora, inject adapter, inject prefix)")
-                if method == "inject adapter" and adapter.get("config") == "houlsby" and target.preposition is None:
+                if method == "inject adapter" and adapter.get("config") == "houlsby" \
+                        and target.preposition not in ("after", "beside"):
                     raise PlanError(f"'{name}' is 'inject adapter config=houlsby': its two adapters per layer take "
                                     "one gate each in no library; gate pfeiffer or parallel adapters, or name each "
                                     "place (after *.attn, after *.mlp)")
