@@ -443,7 +443,8 @@ def methods(
         return
     for row in rows:
         clauses = " | ".join(f"{p} PATTERN" for p in row["clauses"])
-        table = Table(title=escape(f"{row['statement']} [{clauses}]: {row['summary']}"), title_justify="left")
+        form = f"{row['statement']} [{clauses}]" if clauses else row["statement"]  # fuse, gate: over named adapters
+        table = Table(title=escape(f"{form}: {row['summary']}"), title_justify="left")
         for column in ("parameter", "default", "meaning"):
             table.add_column(column)
         for key, field in row["parameters"].items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import json
 import shutil
 import warnings
@@ -207,6 +208,8 @@ class Job:
                                    f"{did_you_mean(adapter, known) or 'its adapters: ' + (', '.join(known) or 'none')}")
         if name in known:
             raise SurgeonError(f"an adapter named '{name}' is already in this job: give the combination another name")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", name):
+            raise SurgeonError(f"{name!r} cannot name an adapter: a name is a word (letters, digits, '_', '-')")
         if any(record.merged for record in self.manifest.patches):
             raise SurgeonError("this job is merged: revert it (or load the run again) to combine its adapters")
         factors: dict[str, dict[str, LoraFactors]] = {adapter: {} for adapter in weights}

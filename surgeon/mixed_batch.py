@@ -99,6 +99,9 @@ class MixedBatchSeam(ModelSeam):
             for rewrite, _ in job._live().patches:
                 if rewrite.label:
                     known.setdefault(rewrite.label, []).append(rewrite)
+                elif "adapters" in rewrite.params and not method_of(rewrite).routes_rows:  # fuse <a,b>, unnamed
+                    raise SurgeonError(f"'{rewrite.verb} {rewrite.method}' over {rewrite.params['adapters']} mixes "
+                                       f"named adapters in every row; {KEYWORD} cannot split its batch")
         for name in names:
             if name is not None and not isinstance(name, str):
                 raise SurgeonError(f"{KEYWORD} holds {name!r}: each entry is an adapter name or None")

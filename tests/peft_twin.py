@@ -104,6 +104,6 @@ def named_lora_twin(base: nn.Module, job: surgeon.Job, configs: dict) -> nn.Modu
         for key, param in twin.named_parameters():
             if ".lora_" in key:  # base_model.model.<path>.lora_A.<name>.weight -> <path>[<name>].lora_A
                 path, _, rest = key.removeprefix("base_model.model.").partition(".lora_")
-                which, name, _ = rest.split(".")
+                which, name = rest.removeprefix("embedding_").split(".")[:2]  # embeddings: lora_embedding_A.<name>
                 param.copy_(ours[f"{path}[{name}].lora_{which}"])
     return twin.eval()

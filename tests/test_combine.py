@@ -143,6 +143,7 @@ def test_a_combined_adapter_saves_loads_merges_and_reverts_exactly(tmp_path) -> 
     ("\n".join(LLAMA.values()), lambda job: job.combine({"a": 1, "c": 1}), "no adapter named 'c'"),
     ("\n".join(LLAMA.values()), lambda job: job.combine({"a": 1, "b": 1}, name="a"), "already in this job"),
     ("\n".join(LLAMA.values()), lambda job: job.combine({"a": 1, "b": 1}, "avg"), "unknown combination 'avg'"),
+    ("\n".join(LLAMA.values()), lambda job: job.combine({"a": 1, "b": 1}, name="a b"), "cannot name an adapter"),
     ("\n".join(LLAMA.values()), lambda job: job.combine({"a": 1, "b": 1}, "ties"), "needs density"),
     ("\n".join(LLAMA.values()), lambda job: job.combine(["a", "b"]), r"combine takes \{adapter name: weight"),
     ("inject lora r=4 into *.attn.q as a\ninject lora r=8 into *.attn.q as b",
@@ -208,3 +209,19 @@ def test_weights_on_what_is_no_weight_delta_are_refused_and_change_nothing(spec:
     with pytest.raises(surgeon.SurgeonError, match=expected):
         job.activate({"a": 0.5, "b": 0.5})
     assert torch.equal(run(model, ids), before) and job.manifest.weights == {} and job.active_adapters() == ["a", "b"]
+
+
+@pytest.mark.parametrize("kind", ["linear", "cat", "svd", "dare_ties"])
+def test_combinations_of_embedding_loras_equal_peft(kind: str) -> None:
+    model = tiny_llama()
+    reference = clone(model)
+    job = surgeon.apply("inject lora r=4 into embed as a\ninject lora r=4 alpha=8 into embed as b", model, seed=0)
+    randomised(job)
+    twin = named_lora_twin(reference, job, {"a": peft.LoraConfig(r=4, lora_alpha=4, target_modules=["embed_tokens"]),
+                                            "b": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens"])})
+    job.combine({"a": 0.6, "b": 0.4}, kind, name="ab", density=0.5, seed=1)
+    peft_combined(twin, {"a": 0.6, "b": 0.4}, "ab", kind, seed=1, density=0.5)
+    with job.active("ab"):
+        ours = run(model, batch())
+    with torch.no_grad():
+        assert (ours - twin(input_ids=batch()).logits).abs().max() <= 1e-5

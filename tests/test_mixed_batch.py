@@ -120,6 +120,7 @@ def test_only_the_rows_adapter_gets_gradients() -> None:
     ("inject lora into *.attn.q as a\ninject prefix tokens=2 into *.attn as p", ["a", None],
      "adapter 'p' has 'inject prefix', which cannot split a batch by rows"),
     ("inject lora into *.attn.q as a\ninject lora into *.attn.q as b", ["a", "b"], "names ['b'], switched off"),
+    ("inject adapter as a\ninject adapter as b\nfuse adapters <a,b>", ["a", "b"], "cannot split its batch"),
 ])
 def test_bad_adapter_names_are_refused_and_change_nothing(spec: str, names, expected: str) -> None:
     model = tiny_llama()
