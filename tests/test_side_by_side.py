@@ -142,3 +142,25 @@ def test_what_cannot_share_a_module_is_refused_before_any_change(spec: str, expe
     for words in expected:
         assert words in str(err.value)
     assert_same_model(model, original)
+
+
+def test_two_named_loras_on_a_quantized_layer_merge_and_revert_exactly() -> None:
+    """The inner LoRA folds into the dequantized layer, the outer one into what that gave; revert
+    puts each tensor back into the module it came from."""
+    model = tiny_llama()
+    original = clone(model)
+    single = tiny_llama()
+    spec = "quantize base nf4\ninject lora r=4 into *.attn.q as a\ninject lora r=4 into *.attn.q as b"
+    job = surgeon.apply(spec, model, seed=0)
+    values = randomised(job)
+    alone = surgeon.apply("quantize base nf4\ninject lora r=4 into *.attn.q as a", single, seed=0)
+    with torch.no_grad():
+        for name, p in alone.added_tensors().items():
+            p.copy_(values[name])
+    ids = batch()
+    with job.active("a"):
+        assert torch.equal(run(model, ids), run(single, ids))
+    job.merge()
+    assert all(type(m).__module__.startswith(("torch.", "transformers.")) for m in model.modules())
+    job.revert()
+    assert_same_model(model, original)

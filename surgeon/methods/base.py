@@ -398,6 +398,7 @@ class WrapPatch(Patch):
         self.replaced: dict[str, nn.Parameter] = {}
         self.merged_into: nn.Module | None = None
         self.merged_slot: tuple[nn.Module, str] | None = None
+        self.replaced_in: nn.Module | None = None  # the module whose parameters `replaced` held
         self.mergeable = hasattr(wrapper, "delta_weights")
         setattr(parent, attr, wrapper)
 
@@ -437,7 +438,7 @@ class WrapPatch(Patch):
                     merged = nn.Parameter((old + delta.to(old.dtype)), requires_grad=old.requires_grad)
                     merged._surgeon_merged = True  # type: ignore[attr-defined]
                     target._parameters[name] = merged
-                self.merged_into = below
+                self.merged_into, self.replaced_in = below, target
         self.merged_slot = slot
         setattr(*slot, self.merged_into)
 
@@ -462,10 +463,9 @@ class WrapPatch(Patch):
         self.wrapper.scale = unweighted if weight == 1 else unweighted * weight
 
     def revert(self) -> None:
-        target = unwrap(self.original)
         for name, old in self.replaced.items():
-            target._parameters[name] = old
-        self.replaced = {}
+            self.replaced_in._parameters[name] = old  # type: ignore[union-attr]
+        self.replaced, self.replaced_in = {}, None
         slot = self.slot() or self.merged_slot  # merged: where the merged module stands
         self.merged_into, self.merged_slot = None, None
         if slot is not None:
