@@ -463,8 +463,9 @@ class WrapPatch(Patch):
         self.wrapper.scale = unweighted if weight == 1 else unweighted * weight
 
     def revert(self) -> None:
+        target = self.replaced_in or unwrap(self.original)  # (ReLoRA's restarts keep W0 in `replaced` too)
         for name, old in self.replaced.items():
-            self.replaced_in._parameters[name] = old  # type: ignore[union-attr]
+            target._parameters[name] = old
         self.replaced, self.replaced_in = {}, None
         slot = self.slot() or self.merged_slot  # merged: where the merged module stands
         self.merged_into, self.merged_slot = None, None
