@@ -11,7 +11,7 @@ import warnings
 import tempfile
 import uuid
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -828,14 +828,7 @@ def import_peft(peft_dir: str | Path, model_ref: str, run_dir: str | Path | None
     statement, by_module = spec_from_peft(config, tensors, model)
     text = f"# imported from the PEFT adapter {peft_dir.resolve()}\n{statement}\n"
     job = apply(parse_spec(text, str(peft_dir / "adapter_config.json")), model, source=source)
-    try:
-        fill_from_peft(job._live().patches, by_module)
-    except Exception:
-        job.revert()
-        raise
-    if run_dir is not None:
-        job.save(run_dir)
-    return job
+    return _filled(job, lambda: fill_from_peft(job._live().patches, by_module), run_dir)
 
 
 def import_adapterhub(folder: str | Path, model_ref: str, run_dir: str | Path | None = None,
@@ -849,14 +842,7 @@ def import_adapterhub(folder: str | Path, model_ref: str, run_dir: str | Path | 
     statement = statement_from_adapterhub(saved, list(library_layers(model)))
     text = f"# imported from the AdapterHub adapter '{saved['name']}' in {folder.resolve()}\n{statement}\n"
     job = apply(parse_spec(text, str(folder / "adapter_config.json")), model, source=source)
-    try:
-        _fill_live(job, named)
-    except Exception:
-        job.revert()
-        raise
-    if run_dir is not None:
-        job.save(run_dir)
-    return job
+    return _filled(job, lambda: _fill_live(job, named), run_dir)
 
 
 def import_adapterhub_fusion(folder: Path, model_ref: str, run_dir: str | Path | None = None,
@@ -879,10 +865,20 @@ def import_adapterhub_fusion(folder: Path, model_ref: str, run_dir: str | Path |
     names = list(places)
     tensors |= {surgeon_fusion_name(key, names): t for key, t in fusion_tensors.items()}
     job = apply(parse_spec("\n".join(lines) + "\n", str(folder / "adapter_fusion_config.json")), model, source=source)
-    try:
+
+    def fill() -> None:
         targets = job.added_tensors()
         _exactly(targets, tensors, "the AdapterHub fusion's tensors are not the ones its configs make")
         _copy_checked(targets, tensors)
+
+    return _filled(job, fill, run_dir)
+
+
+def _filled(job: Job, fill: Callable[[], None], run_dir: str | Path | None) -> Job:
+    """An imported job with its weights filled in by `fill` (reverted if that fails), saved as a
+    run when `run_dir` is given."""
+    try:
+        fill()
     except Exception:
         job.revert()
         raise
