@@ -351,6 +351,8 @@ class _Planner:
                 trained_tensors={n: info.params[n].name for n in trained if n in info.params},
                 location=statement.location, label=target.label, bytes_before=before, bytes_after=after,
             ))
+        if not rewrites and method.absent and not statement.clauses:
+            raise self.error(method.absent, statement.location)
         if not rewrites:
             raise self.error(f"none of the {len(placed)} modules the statement matched is one {method.name} acts on "
                              "with these parameters", statement.location, "widen the pattern or change the parameters")
@@ -515,7 +517,8 @@ def _said(method: type[Method]) -> str:
     return method.verb if method.name == method.verb else f"{method.verb} {method.name}"
 
 
-_CLAIMS = {"inputs": "inputs (what it sees before the first layer)", "attention": "attention function"}
+_CLAIMS = {"inputs": "inputs (what it sees before the first layer)", "attention": "attention function",
+           "rope": "rotary position embedding"}
 
 
 def plan(spec: Spec, graph: ModuleGraph, live: Sequence[LivePatch] = ()) -> Plan:

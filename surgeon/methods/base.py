@@ -191,6 +191,9 @@ class Method(ABC):
     # the pattern a statement without a target clause means (`train bias` = "**": every module the
     # method accepts); None: a target is required
     default_target: ClassVar[str | None] = None
+    # what the model lacks when a statement without a target finds nothing the method acts on
+    # (`scale rope` on GPT-2): the planner's message then
+    absent: ClassVar[str | None] = None
     # PEFT interchange (surgeon/peft_format.py): PEFT's `peft_type` for this method, None when PEFT
     # has no equivalent; the hooks below translate parameters and tensors both ways.
     peft_type: ClassVar[str | None] = None

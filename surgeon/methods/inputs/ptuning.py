@@ -45,7 +45,7 @@ from surgeon.methods.inputs.prompt import prompt_statement
 
 class PTuningParams(PromptParams):
     encoder: Literal["mlp", "lstm"] = Field("mlp", description="prompt encoder: mlp (3 linear layers) or lstm (bi-LSTM + MLP)")
-    hidden: int | None = Field(None, ge=1, description="hidden size H of the encoder; default: the model's hidden size")
+    hidden: int | None = Field(None, ge=1, le=1 << 24, description="hidden size H of the encoder; default: the model's hidden size")
     layers: int = Field(2, ge=1, le=8, description="LSTM layers (encoder=lstm only)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout between LSTM layers (encoder=lstm only)")
     template: str | None = Field(None, description='where the virtual tokens go, e.g. "[P:3] [INPUT] [P:2]"; default: a prefix')
