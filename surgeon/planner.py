@@ -305,6 +305,7 @@ class _Planner:
             merged=any(p.merged for p in info.params.values()),
             kv_dim=self.kv_width(info),
             hidden_size=getattr(self.graph.config, "hidden_size", None),
+            max_positions=getattr(self.graph.config, "max_position_embeddings", None),
             preposition=preposition,
             label=label,
         )

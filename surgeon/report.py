@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from surgeon.graph import dtype_size
-from surgeon.planner import Plan
+from surgeon.planner import Plan, method_of, params_of
 
 
 def plan_summary(the_plan: Plan) -> dict[str, Any]:
@@ -41,6 +41,7 @@ def plan_summary(the_plan: Plan) -> dict[str, Any]:
         "ok": True,
         "rewrites": rewrites,
         "per_method": _per_method(the_plan),
+        "changes": _changes(the_plan),
         "totals": {
             "rewrites": len(rewrites),
             "trainable_parameters": the_plan.trainable_parameters,
@@ -61,6 +62,12 @@ def _per_method(the_plan: Plan) -> dict[str, int]:
         key = _said(r.verb, r.method)
         counts[key] = counts.get(key, 0) + r.added_count + r.trained_count
     return counts
+
+
+def _changes(the_plan: Plan) -> list[str]:
+    """What the methods say changes beyond added tensors, each line once."""
+    lines = (method_of(r).describe(r.target, params_of(r)) for r in the_plan.rewrites)
+    return list(dict.fromkeys(line for line in lines if line))
 
 
 def _said(verb: str, method: str) -> str:
@@ -109,3 +116,5 @@ def print_plan(summary: dict[str, Any], out: Console) -> None:
     if totals["memory_after"] != totals["memory_before"] + totals["added_bytes"]:
         out.print(f"memory {_human_bytes(totals['memory_before'])} -> {_human_bytes(totals['memory_after'])}; "
                   f"quantized weights at {totals['quantized_bits_per_parameter']:.3f} bits per parameter")
+    for line in summary.get("changes", []):
+        out.print(escape(line), highlight=False)

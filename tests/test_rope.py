@@ -164,3 +164,13 @@ def test_a_merged_run_with_scaled_rope_loads_in_stock_transformers_with_its_rope
         assert (loaded(input_ids=ids).logits - unmerged).abs().max() <= 1e-5
     job.revert()
     assert_same_model(model, original)
+
+
+@pytest.mark.parametrize(("spec", "line"), [
+    ("scale rope linear factor=4", "positions: 64 -> 256 (linear x4)"),
+    ("scale rope yarn factor=8 original=32", "positions: 32 -> 256 (yarn x8)"),
+])
+def test_surgeon_check_says_what_the_positions_become(spec: str, line: str) -> None:
+    from surgeon.report import plan_summary
+
+    assert plan_summary(surgeon.check(spec, build("llama", "eager")))["changes"] == [line]

@@ -67,6 +67,7 @@ class Target(BaseModel):
     merged: bool = False  # its weight already holds a merged delta
     kv_dim: int | None = None  # an attention module's key (= value) width: its k projection's outputs
     hidden_size: int | None = None  # the model's hidden width (what a module in the data path maps)
+    max_positions: int | None = None  # the model's trained context length (config.max_position_embeddings)
     preposition: str | None = None  # the clause that named it: `after *.mlp` places an adapter after the FFN
     label: str | None = None  # the named adapter (`... as NAME`) the rewrite belongs to
 
@@ -220,6 +221,12 @@ class Method(ABC):
         `WordArgs.adapters`): its targets, from the (target, method as said, params) of each named
         adapter's rewrites; a PlanError says why they do not compose."""
         raise PlanError(f"{cls.verb} {cls.name} does not compose named adapters")
+
+    @classmethod
+    def describe(cls, target: Target, params: MethodParams) -> str | None:
+        """A line for `surgeon check` saying what changes beyond added tensors ("positions: 4096 ->
+        16384 (linear x4)"), or None."""
+        return None
 
     @classmethod
     def memory(cls, target: Target, params: MethodParams) -> tuple[int, int]:

@@ -183,6 +183,15 @@ class ScaleRope(Method):
         return {}
 
     @classmethod
+    def describe(cls, target: Target, params: MethodParams) -> str | None:
+        assert isinstance(params, RopeParams)
+        trained = params.original or target.max_positions
+        factor = params.factor or (target.max_positions / trained if trained and target.max_positions else None)
+        if not trained or not factor:
+            return f"positions: {params.type} RoPE scaling"
+        return f"positions: {trained} -> {int(trained * factor)} ({params.type} x{factor:g})"
+
+    @classmethod
     def apply(cls, model: nn.Module, target: Target, params: MethodParams, ctx: ApplyContext) -> Patch:
         assert isinstance(params, RopeParams)
         rotary = _rotary_module(model, target)
