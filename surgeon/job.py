@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import re
 import json
 import shutil
@@ -131,9 +132,9 @@ class Job:
     def _wanted(self, names: Any) -> dict[str, float]:
         """`activate`'s argument as {name: weight}, checked."""
         if isinstance(names, dict):
-            if not all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            if not all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                        for k, v in names.items()):
-                raise SurgeonError(f"activate's weights are {{adapter name: number}}, not {names!r}")
+                raise SurgeonError(f"activate's weights are {{adapter name: finite number}}, not {names!r}")
             weights = {name: float(weight) for name, weight in names.items()}
         else:
             listed = [names] if isinstance(names, str) else list(names) if isinstance(names, (list, tuple)) else \

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError
 
 from surgeon.errors import ManifestError
 
@@ -103,7 +103,7 @@ class Manifest(BaseModel):
     adapter_sha256: str | None = None
     inactive: list[str] = Field(default_factory=list)  # named adapters switched off (job.activate)
     # named adapters that act weighted (job.activate({name: weight})); absent: weight 1
-    weights: dict[str, float] = Field(default_factory=dict)
+    weights: dict[str, FiniteFloat] = Field(default_factory=dict)
     frozen: list[str] = Field(default_factory=list)  # named adapters whose tensors do not train (load adapters)
     checksum_kind: Literal["sha256", "hmac-sha256"] = "sha256"
     checksum: str | None = None

@@ -102,8 +102,9 @@ def test_unknown_names_and_switches_that_cannot_be_are_refused_and_change_nothin
         job.activate(7)
     with pytest.raises(surgeon.SurgeonError, match="adapter 'b' \\('train bias' on .*\\): it cannot be weighted"):
         job.activate({"a": 0.5, "b": 0.5})  # a is weighted first, then b refuses: a's weight is put back
-    with pytest.raises(surgeon.SurgeonError, match="weights are \\{adapter name: number\\}"):
-        job.activate({"a": "half"})
+    for bad in ({"a": "half"}, {"a": float("nan")}):
+        with pytest.raises(surgeon.SurgeonError, match="weights are \\{adapter name: finite number\\}"):
+            job.activate(bad)
     assert job.active_adapters() == ["a", "b"] and torch.equal(run(model, ids), before)
     assert job.manifest.weights == {}
 
@@ -148,7 +149,14 @@ def test_an_inactive_adapter_stays_in_state_dicts_and_checkpoints_and_loads_inac
         assert torch.equal(run(fresh, batch()), everything), saved
 
 
-def test_a_run_that_switches_off_what_its_spec_does_not_name_is_refused(tmp_path) -> None:
+@pytest.mark.parametrize(("field", "value", "expected"), [
+    ("inactive", ["z"], r"switches off \['z'\], which are no adapters of its spec"),
+    ("weights", {"z": 0.5}, r"weights \['z'\], which are no adapters of its spec"),
+    ("weights", {"a": float("nan")}, "finite"),
+    ("frozen", ["z"], r"freezes \['z'\], which are no adapters of its spec"),
+])
+def test_a_run_whose_adapter_state_names_what_its_spec_lacks_is_refused(tmp_path, field: str, value,
+                                                                         expected: str) -> None:
     import hashlib
     import json
 
@@ -156,12 +164,12 @@ def test_a_run_that_switches_off_what_its_spec_does_not_name_is_refused(tmp_path
     job = surgeon.apply("inject lora r=4 into *.attn.q as a", model, seed=0)
     job.save(tmp_path / "run")
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    manifest["inactive"] = ["z"]
+    manifest[field] = value
     body = {k: v for k, v in manifest.items() if k != "checksum"}
     manifest["checksum"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     (tmp_path / "run" / "manifest.json").write_text(json.dumps(manifest))
     fresh = tiny_llama()
     original = clone(fresh)
-    with pytest.raises(surgeon.SurgeonError, match=r"switches off \['z'\], which are no adapters of its spec"):
+    with pytest.raises(surgeon.SurgeonError, match=expected):
         surgeon.load(tmp_path / "run", fresh)
     assert_same_model(fresh, original)
