@@ -18,7 +18,6 @@ global, all undone when the last job on the model reverts):
 
 from __future__ import annotations
 
-import copy as copy_module
 import json
 import os
 import shutil
@@ -63,13 +62,8 @@ class CheckpointSeam(ModelSeam):
         if callable(getattr(model, "save_pretrained", None)):
             model.__dict__["save_pretrained"] = self.save_pretrained
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> CheckpointSeam:
-        """A deep copy of a patched model (TRL's reference model) carries no live job: it saves
-        and gives its state dict whole, as any model does."""
-        copy = object.__new__(CheckpointSeam)
-        memo[id(self)] = copy
-        copy.model, copy.live, copy.handles, copy.saving_whole = copy_module.deepcopy(self.model, memo), [], [], 0
-        return copy
+    def fresh_state(self) -> dict[str, Any]:
+        return {"saving_whole": 0}  # a copy saves and gives its state dict whole, as any model does
 
     def remove(self) -> None:
         for handle in self.handles:

@@ -17,7 +17,6 @@ stand for several (beams, returned sequences), which transformers lays out row a
 
 from __future__ import annotations
 
-import copy as copy_module
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -48,12 +47,8 @@ class MixedBatchSeam(ModelSeam):
         if callable(getattr(model, "generate", None)):
             model.__dict__["generate"] = self.generate
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> MixedBatchSeam:
-        """A deep copy of a patched model (TRL's reference model) carries no live job."""
-        copy = object.__new__(MixedBatchSeam)
-        memo[id(self)] = copy
-        copy.model, copy.live, copy.calls, copy.handles = copy_module.deepcopy(self.model, memo), [], [], []
-        return copy
+    def fresh_state(self) -> dict[str, Any]:
+        return {"calls": []}
 
     def remove(self) -> None:
         for handle in self.handles:

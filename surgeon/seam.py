@@ -3,7 +3,8 @@ model, shared by the model's live jobs, removed with the last of them."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+import copy as copy_module
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
@@ -18,6 +19,18 @@ class ModelSeam:
         self.model = model
         self.live: list[Job] = []  # the model keeps its jobs, as a PeftModel keeps its adapters
         model.__dict__[self.attr] = self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ModelSeam:
+        """A deep copy of a patched model (TRL's reference model) carries no live job: its seam
+        holds no job and no hooks of its own, only `fresh_state()`."""
+        copy = object.__new__(type(self))
+        memo[id(self)] = copy
+        copy.__dict__.update(self.fresh_state(), model=copy_module.deepcopy(self.model, memo), live=[], handles=[])
+        return copy
+
+    def fresh_state(self) -> dict[str, Any]:
+        """The subclass's own attributes as a seam without jobs has them."""
+        return {}
 
     def remove(self) -> None:
         """Take the hooks and overrides off the model."""
