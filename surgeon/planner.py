@@ -88,13 +88,14 @@ class LivePatch:
     method: str
     statement: str  # the spec line that made it, for messages
     label: str | None = None
+    claims: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, rewrite: Rewrite, spec: Spec) -> LivePatch:
         lines = spec.text.split("\n")  # lines as Lark counts them (see SpecError.render)
         line = lines[rewrite.location.line - 1].strip() if 0 < rewrite.location.line <= len(lines) else ""
         return cls(rewrite.target.path, rewrite.verb, rewrite.method, line or f"{rewrite.verb} {rewrite.method}",
-                   rewrite.label)
+                   rewrite.label, claims_of(rewrite))
 
 
 def method_of(rewrite: Rewrite | LivePatch) -> type[Method]:
@@ -103,6 +104,16 @@ def method_of(rewrite: Rewrite | LivePatch) -> type[Method]:
 
 def params_of(rewrite: Rewrite) -> MethodParams:
     return method_of(rewrite).Params(**rewrite.params)
+
+
+def claims_of(rewrite: Rewrite) -> frozenset[str]:
+    return method_of(rewrite).claims_of(params_of(rewrite))
+
+
+def _claim_conflict(new_claims: frozenset[str], old_claims: frozenset[str]) -> str | None:
+    """Why two statements cannot compose: both take over one model-wide thing, or None."""
+    shared = sorted(new_claims & old_claims)
+    return f"both change the model's {_CLAIMS.get(shared[0], shared[0])}" if shared else None
 
 
 class _Planner:
@@ -444,15 +455,17 @@ class _Planner:
 
     def check_claims(self, rewrites: list[Rewrite]) -> None:
         """Two statements may not both take over one model-wide thing (two prompt methods)."""
-        claimed: dict[str, Rewrite] = {}
+        firsts: dict[int, Rewrite] = {}
         for rewrite in rewrites:
-            for claim in sorted(method_of(rewrite).claims):
-                first = claimed.setdefault(claim, rewrite)
-                if first.statement != rewrite.statement:
+            firsts.setdefault(rewrite.statement, rewrite)
+        ordered = sorted(firsts.values(), key=lambda r: r.statement)
+        for i, rewrite in enumerate(ordered):
+            for first in ordered[:i]:
+                reason = _claim_conflict(claims_of(rewrite), claims_of(first))
+                if reason:
                     raise self.error(
                         f"'{rewrite.verb} {rewrite.method}' and '{first.verb} {first.method}' (line "
-                        f"{first.location.line}) both change the model's {_CLAIMS.get(claim, claim)}; they cannot compose",
-                        rewrite.location, "keep one of them")
+                        f"{first.location.line}) {reason}; they cannot compose", rewrite.location, "keep one of them")
 
 
     def check_live(self, rewrites: list[Rewrite], live: Sequence[LivePatch]) -> None:
@@ -464,12 +477,11 @@ class _Planner:
             on_path.setdefault(old.path, []).append(old)
         for rewrite in rewrites:  # a model-wide conflict says more than the module it shows on
             for old in live:
-                shared = sorted(method_of(rewrite).claims & method_of(old).claims)
-                if shared:
+                reason = _claim_conflict(claims_of(rewrite), old.claims)
+                if reason:
                     raise self.error(
-                        f"'{_said(method_of(rewrite))}' and the live job's '{old.statement}' both change the "
-                        f"model's {_CLAIMS.get(shared[0], shared[0])}; they cannot compose", rewrite.location,
-                        "revert that job first, or keep one of them")
+                        f"'{_said(method_of(rewrite))}' and the live job's '{old.statement}' {reason}; they cannot "
+                        "compose", rewrite.location, "revert that job first, or keep one of them")
         for rewrite in rewrites:
             for old in on_path.get(rewrite.target.path, []):
                 if old.label != rewrite.label and method_of(rewrite).shares_modules and method_of(old).shares_modules:
@@ -518,7 +530,7 @@ def _said(method: type[Method]) -> str:
     return method.verb if method.name == method.verb else f"{method.verb} {method.name}"
 
 
-_CLAIMS = {"inputs": "inputs (what it sees before the first layer)", "attention": "attention function",
+_CLAIMS = {"inputs": "inputs (what it sees before the first layer)", "prefix": "attention's extra keys (a prefix)",
            "rope": "rotary position embedding"}
 
 

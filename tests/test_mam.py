@@ -150,7 +150,7 @@ def test_under_sdpa_mam_gives_the_eager_logits(case: dict) -> None:
     """AdapterHub's prefix is wrong under SDPA on decoder models (top-left causal alignment without
     padding, the prefix masked out with it); surgeon's under SDPA equals the library's eager result."""
     model, _ = loaded(case, attention="sdpa")
-    assert model.config._attn_implementation == "surgeon_prefix_sdpa"
+    assert model.config._attn_implementation == "surgeon_sdpa"
     for variant in [v for v in case["variants"] if not v["skip_layers"]]:
         inputs = load_file(str(FIXTURES / variant["inputs"]))
         torch.testing.assert_close(forward(model, inputs), load_file(str(FIXTURES / variant["file"]))["logits"],

@@ -215,6 +215,11 @@ class Method(ABC):
         return WordArgs()
 
     @classmethod
+    def claims_of(cls, params: MethodParams) -> frozenset[str]:
+        """What a statement with these parameters takes over (`attend alibi rope=off` takes RoPE too)."""
+        return cls.claims
+
+    @classmethod
     def place_over(cls, named: dict[str, list[tuple[Target, str, dict[str, Any]]]],
                    params: MethodParams) -> list[Target]:
         """For a statement over named adapters (`fuse adapters <a,b>`, its words name them in

@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import math
 import re
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +41,8 @@ from torch import nn
 from surgeon.errors import ExportError, PlanError, SurgeonError
 from surgeon.graph import unwrap
 from surgeon.methods._rng import draw
+from surgeon.methods.attention._seam import KEYS, AttentionCall, AttentionSeam, Modifier, attention_modules, modifiers_of
 from surgeon.methods.base import DROP_SWITCH, ApplyContext, DropSwitch, Method, MethodParams, Patch, Target, register
-
-_NAME = "surgeon_prefix_"
-_INNERS = ("sdpa", "eager")
 
 
 class PrefixParams(MethodParams):
@@ -157,7 +153,10 @@ class _Group:
 
 
 @dataclass(eq=False)
-class _Layer:
+class _Layer(Modifier):
+    """One layer's prefix: the attention seam's KEYS modifier."""
+
+    stage: ClassVar[int] = KEYS
     module: nn.Module  # the target, which holds the parameters
     n_kv: int
     head_dim: int
@@ -187,21 +186,19 @@ class _Layer:
             k, v = k * g[:, 0].view(-1, 1, 1, 1), v * g[:, -1].view(-1, 1, 1, 1)
         return k, v
 
+    def modify(self, call: AttentionCall) -> None:
+        kv_len = call.key.shape[2] - call.extra
+        pk, pv = self.key_value(call.key)
+        call.key, call.value = torch.cat([pk, call.key], dim=2), torch.cat([pv, call.value], dim=2)
+        call.extra += self.tokens
+        if call.kwargs.get("position_bias") is not None:
+            call.kwargs["position_bias"] = _t5_bias(self, call.kwargs["position_bias"], call.query.shape[2], kv_len)
+
 
 # The live state hangs off the objects it belongs to (not global dicts keyed by id(), which a new
 # model can reuse once an unreverted one is collected); revert deletes these attributes.
 _LAYER_ATTR = "_surgeon_prefix"  # on the inner attention module: its _Layer
 _STATE_ATTR = "_surgeon_prefix_state"  # on the top-level model: its _ModelState
-
-
-def _configs(model: nn.Module) -> list[Any]:
-    """Every distinct config object of the model (T5's stacks carry their own copies)."""
-    found: dict[int, Any] = {}
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation_internal"):
-            found.setdefault(id(config), config)
-    return list(found.values())
 
 
 _POSITION_EMBEDDINGS = {"wpe", "position_embeddings", "embed_positions"}
@@ -212,28 +209,20 @@ class _ModelState:
 
     def __init__(self, model: nn.Module, tokens: int, positions: str) -> None:
         self.tokens, self.positions, self.count = tokens, positions, 0
-        self.model_modules = [m for m in model.modules() if hasattr(m, "is_causal") and hasattr(m, "config")]
+        self.model_modules = attention_modules(model)
         self.groups: dict[tuple[str, str], _Group] = {}  # (stack, params) -> the MLP group being built
-        self.saved: list[tuple[Any, Any]] = []
-        for config in _configs(model):
-            inner = config._attn_implementation or "eager"
-            if inner not in _INNERS:
-                raise SurgeonError(f"prefix tuning runs on the 'sdpa' or 'eager' attention, not '{inner}'; "
-                                   "load the model with attn_implementation='sdpa'")
-            self.saved.append((config, config.__dict__["_attn_implementation_internal"]))
+        self.seam = AttentionSeam.of(model)
         self.handles = []
         for path, module in model.named_modules() if positions == "peft" else ():
             if type(module).__name__.endswith("RotaryEmbedding"):
                 self.handles.append(module.register_forward_pre_hook(self._shift_rotary, with_kwargs=True))
             elif isinstance(module, nn.Embedding) and path.rpartition(".")[2] in _POSITION_EMBEDDINGS:
                 self.handles.append(module.register_forward_pre_hook(self._shift_absolute))
-        for config, _ in self.saved:
-            config._attn_implementation = _NAME + (config._attn_implementation or "eager")
 
     def _all_inactive(self) -> bool:
         """Every prefix of the model switched off (job.activate): positions are the base's again.
         (AdapterDrop does not count: a dropped layer still sees the shifted positions.)"""
-        layers = [m.__dict__[_LAYER_ATTR] for m in self.model_modules if _LAYER_ATTR in m.__dict__]
+        layers = [m for module in self.model_modules for m in modifiers_of(module) if isinstance(m, _Layer)]
         return bool(layers) and all(layer.switch.inactive for layer in layers)
 
     def _shift_rotary(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -261,55 +250,9 @@ class _ModelState:
     def release(self) -> None:
         for handle in self.handles:
             handle.remove()
-        for config, value in self.saved:
-            config.__dict__["_attn_implementation_internal"] = value  # the very object, not via the setter
-
-
-def _eager_of(module: nn.Module) -> Callable[..., Any]:
-    """The model's own eager attention (it is not in the registry: `get_interface` falls back to it)."""
-    return sys.modules[type(module).__module__].eager_attention_forward
-
-
-def _pad(mask: torch.Tensor, tokens: int) -> torch.Tensor:
-    """Left-pad the key axis with "attend" (True for boolean masks, 0 for additive ones)."""
-    pad = torch.zeros((*mask.shape[:-1], tokens), dtype=mask.dtype, device=mask.device)
-    return torch.cat([pad.logical_not() if mask.dtype == torch.bool else pad, mask], dim=-1)
-
-
-def _causal(query: torch.Tensor, kv_len: int, additive: bool, dtype: torch.dtype) -> torch.Tensor:
-    """Bottom-right aligned causal mask (SDPA's is_causal is top-left aligned when kv > q)."""
-    q_len = query.shape[2]
-    rows = torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len)
-    allowed = torch.arange(kv_len, device=query.device)[None, :] <= rows
-    if not additive:
-        return allowed[None, None]
-    return torch.zeros(allowed.shape, dtype=dtype, device=query.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min)[None, None]
-
-
-def _attention(inner_name: str) -> Callable[..., Any]:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    def attend(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               attention_mask: torch.Tensor | None, *args: Any, **kwargs: Any) -> Any:
-        inner = _eager_of(module) if inner_name == "eager" else ALL_ATTENTION_FUNCTIONS[inner_name]
-        layer = module.__dict__.get(_LAYER_ATTR)
-        if layer is None or layer.switch.off:  # a layer the statement does not target, AdapterDrop, or inactive
-            return inner(module, query, key, value, attention_mask, *args, **kwargs)
-        pk, pv = layer.key_value(key)
-        kv_len = key.shape[2]
-        key, value = torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)
-        causal = kwargs.get("is_causal")
-        causal = getattr(module, "is_causal", False) if causal is None else causal
-        if attention_mask is None and causal and query.shape[2] > 1:
-            attention_mask = _causal(query, kv_len, inner_name == "eager", query.dtype)
-        if attention_mask is not None:
-            attention_mask = _pad(attention_mask, layer.tokens)
-        if kwargs.get("position_bias") is not None:
-            kwargs["position_bias"] = _t5_bias(layer, kwargs["position_bias"], query.shape[2], kv_len)
-        return inner(module, query, key, value, attention_mask, *args, **kwargs)
-
-    return attend
+        self.handles = []
+        if self.seam.count == 0:  # no modifier of any statement holds the configs' switch
+            self.seam.release()
 
 
 def _t5_bias(layer: _Layer, bias: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
@@ -318,19 +261,9 @@ def _t5_bias(layer: _Layer, bias: torch.Tensor, q_len: int, kv_len: int) -> torc
     sit at positions 0..P-1 and the real keys after them, the queries where they were."""
     source = layer.bias_source
     if source is None:  # positions=peft, or an attention without its own table (cross-attention: zeros)
-        return _pad(bias, layer.tokens)
+        return torch.cat([bias.new_zeros((*bias.shape[:-1], layer.tokens)), bias], dim=-1)
     return source.compute_bias(q_len, kv_len + layer.tokens, device=bias.device,
                                past_seen_tokens=kv_len - q_len).to(bias.dtype)
-
-
-def _register_functions() -> None:
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import AttentionInterface
-
-    for inner in _INNERS:
-        if _NAME + inner not in AttentionInterface._global_mapping:
-            AttentionInterface.register(_NAME + inner, _attention(inner))
-            AttentionMaskInterface.register(_NAME + inner, ALL_MASK_ATTENTION_FUNCTIONS[inner])
 
 
 def _blocks(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -381,6 +314,7 @@ class PrefixPatch(Patch):
         self.layer.names = []
         self.inner.__dict__.pop(_LAYER_ATTR, None)
         self.inner.__dict__.pop(DROP_SWITCH, None)
+        self.state.seam.remove(self.inner, self.layer)
         group = self.layer.group
         if group is not None and self.layer in group.members:
             group.members.remove(self.layer)
@@ -434,7 +368,7 @@ class Prefix(Method):
     name = "prefix"
     Params = PrefixParams
     kinds = frozenset({"container"})
-    claims = frozenset({"attention", "inputs"})
+    claims = frozenset({"prefix", "inputs"})
     summary = "prefix tuning / P-tuning v2: trainable keys and values in front of each attention layer"
     peft_type = "PREFIX_TUNING"
     unmergeable_because = ("a prefix is keys and values attention reads, not a change of any weight "
@@ -471,7 +405,6 @@ class Prefix(Method):
             raise PlanError(f"{target.path} already has a prefix")
         state = model.__dict__.get(_STATE_ATTR)
         if state is None:
-            _register_functions()
             state = _ModelState(model, params.tokens, params.positions)
             model.__dict__[_STATE_ATTR] = state
         elif state.tokens != params.tokens and state.handles:
@@ -507,6 +440,7 @@ class Prefix(Method):
             group.members.append(layer)
         inner.__dict__[_LAYER_ATTR] = layer
         inner.__dict__[DROP_SWITCH] = layer.switch
+        state.seam.add(inner, layer)
         return PrefixPatch(model, inner, layer, state)
 
     # --- PEFT interchange: PEFT's checkpoint holds only prompt_embeddings, (P, L*2*kv_dim) ---
