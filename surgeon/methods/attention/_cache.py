@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from surgeon.methods.attention._seam import KEY_POSITIONS_ATTR
 
@@ -89,5 +89,8 @@ def bound_cache(cache: Any, bounds: dict[int, tuple[int, int, nn.Module]]) -> No
         if index >= len(cache.layers):
             return
         layer = cache.layers[index]
-        if type(layer) is DynamicLayer:
+        # a model's own sliding layer (Mistral's sliding_window) too, while it holds every key it saw
+        whole = type(layer) is DynamicLayer or (type(layer) is DynamicSlidingWindowLayer
+                                                 and layer.cumulative_length == layer.get_mask_sizes(0)[0])
+        if whole:
             cache.layers[index] = BoundedLayer.holding(layer, sinks, window, attention)

@@ -1,0 +1,227 @@
+"""The attend statements on live models, each against an independent reference: transformers' own
+Mistral for the window, a per-pair full-sequence oracle (tests/attention_oracle.py) for sinks,
+ReRoPE, ALiBi and log-n, LongLoRA's `forward_noflashattn` (copied below) for S2-Attn, Bloom's
+slopes for ALiBi. Llama, Qwen2, Mistral and GPT-NeoX (partial rotary), eager and SDPA, with and
+without a KV cache. Revert is exact, `_attn_implementation` back on every config."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers
+from attention_oracle import Pairs, absolute, logits_of
+from conftest import assert_same_model, clone, tiny_gpt2
+
+import surgeon
+from surgeon.errors import SpecError, SurgeonError
+
+TRAINED = 64
+KINDS = ["llama", "qwen2", "mistral", "gpt_neox"]
+ATTENTIONS = ["sdpa", "eager"]
+
+
+def build(kind: str, attention: str, **extra: object) -> torch.nn.Module:
+    torch.manual_seed(0)
+    parameters = {"rope_theta": 10000.0, "rope_type": "default"}
+    if kind == "gpt_neox":
+        parameters["partial_rotary_factor"] = 0.25
+    common = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128, vocab_size=128,
+                  max_position_embeddings=TRAINED, attn_implementation=attention, rope_parameters=parameters) | extra
+    if kind == "gpt_neox":
+        return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**common)).eval()
+    classes = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+               "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+               "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}
+    config_class, model_class = classes[kind]
+    return model_class(config_class(**common, num_key_value_heads=2)).eval()
+
+
+def ids_of(length: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits
+
+
+def decoded(model: torch.nn.Module, ids: torch.Tensor, prompt: int) -> tuple[torch.Tensor, object]:
+    """Logits of a prefill of `prompt` tokens and then one token at a time through the cache."""
+    with torch.no_grad():
+        out = model(ids[:, :prompt], use_cache=True)
+        cache, steps = out.cache, [out.logits]
+        for t in range(prompt, ids.shape[1]):
+            out = model(ids[:, t:t + 1], cache=cache, use_cache=True)
+            steps.append(out.logits)
+    return torch.cat(steps, dim=1), cache
+
+
+def implementations(model: torch.nn.Module) -> list:
+    return [c.__dict__["_attn_implementation_internal"] for c in {id(m.config): m.config for m in model.modules()
+                                                                  if hasattr(m, "config")}.values()]
+
+
+def applied_and_reverted(model: torch.nn.Module, spec: str, check) -> None:
+    """Apply `spec`, run `check(model)`, revert: the model and its configs as they were."""
+    original, before = clone(model), implementations(model)
+    job = surgeon.apply(spec, model)
+    assert all(i.startswith("surgeon_") for i in implementations(model))
+    check(model)
+    job.revert()
+    assert_same_model(model, original)
+    assert implementations(model) == before
+
+
+# --- the oracle itself --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_oracle_with_true_positions_is_the_model(kind):
+    model, ids = build(kind, "sdpa"), ids_of(40)
+    assert (logits_of(model, ids, absolute) - logits(model, ids)).abs().max() <= 1e-5
+
+
+# --- attend window --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_window_on_llama_is_mistral_with_a_sliding_window(attention):
+    model = build("llama", attention)
+    mistral = build("mistral", attention, sliding_window=8)
+    mistral.load_state_dict(model.state_dict())
+    ids = ids_of(40)
+
+    def check(patched):
+        assert (logits(patched, ids) - logits(mistral, ids)).abs().max() <= 1e-6
+        steps, cache = decoded(patched, ids, 12)
+        assert (steps - logits(mistral, ids)).abs().max() <= 1e-5
+        assert all(layer.keys.shape[-2] == 7 for layer in cache.layers)  # window - 1 kept between steps
+        assert cache.get_seq_length() == 40
+        prompt = dict(input_ids=ids[:, :10], attention_mask=torch.ones_like(ids[:, :10]), max_new_tokens=30,
+                      do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert torch.equal(patched.generate(**prompt), mistral.generate(**prompt))
+
+    applied_and_reverted(model, "attend window size=8", check)
+
+
+def window_pairs(size: int):
+    def pairs(length: int) -> Pairs:
+        base = absolute(length)
+        t = torch.arange(length)
+        base.allowed &= t[None, :] > t[:, None] - size
+        return base
+    return pairs
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_window_equals_the_masked_reference(kind, attention):
+    model, ids = build(kind, attention), ids_of(40)
+    reference = logits_of(clone(model), ids, window_pairs(8))
+
+    def check(patched):
+        assert (logits(patched, ids) - reference).abs().max() <= 1e-5
+        assert (decoded(patched, ids, 12)[0] - reference).abs().max() <= 1e-5
+
+    applied_and_reverted(model, "attend window size=8", check)
+
+
+def test_window_on_some_layers_masks_them_and_keeps_the_cache_whole():
+    model, ids = build("llama", "sdpa"), ids_of(30)
+    surgeon.apply("attend window size=4 in layers.0.attn", model)
+    steps, cache = decoded(model, ids, 10)
+    assert cache.layers[0].keys.shape[-2] == 30  # not bounded: not every layer has the window
+    plain = build("llama", "sdpa")
+    assert (logits(model, ids) - logits(plain, ids)).abs().max() > 1e-3
+    assert (steps - logits(model, ids)).abs().max() <= 1e-5
+
+
+# --- attend sinks ---------------------------------------------------------------------------------
+
+
+def sink_pairs(tokens: int, window: int):
+    """StreamingLLM's positions within the cache: window keys at their true distance t - j, sinks at
+    min(t, tokens + window - 1) - j (the query's slot in the cache)."""
+    def pairs(length: int) -> Pairs:
+        t = torch.arange(length, dtype=torch.float64)
+        slot = t.clamp(max=tokens + window - 1)
+        sink = t[None, :] < tokens
+        key = torch.where(sink, t[None, :], slot[:, None] - (t[:, None] - t[None, :]))
+        allowed = (t[None, :] <= t[:, None]) & (sink | (t[None, :] > t[:, None] - window))
+        return Pairs(slot, key, allowed)
+    return pairs
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_sinks_each_decode_step_equals_the_streaming_reference(kind, attention):
+    model, ids = build(kind, attention), ids_of(60, batch=1)
+    reference = logits_of(clone(model), ids, sink_pairs(2, 6))
+
+    def check(patched):
+        assert (logits(patched, ids) - reference).abs().max() <= 1e-5  # one forward of the whole sequence
+        steps, cache = decoded(patched, ids, 5)
+        assert (steps - reference).abs().max() <= 1e-5
+        assert all(layer.keys.shape[-2] == 2 + 6 - 1 for layer in cache.layers)
+
+    applied_and_reverted(model, "attend sinks tokens=2 window=6", check)
+
+
+def test_sinks_generate_300_tokens_in_a_cache_of_fixed_size():
+    model, ids = build("llama", "sdpa"), ids_of(8, batch=1)
+    surgeon.apply("attend sinks tokens=4 window=12", model)
+    sizes = []
+    cache = transformers.DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model(ids, cache=cache, use_cache=True)
+        tokens = [ids]
+        for _ in range(300):
+            token = out.logits[:, -1:].argmax(-1)
+            tokens.append(token)
+            out = model(token, cache=cache, use_cache=True)
+            sizes.append(sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers))
+    assert cache.get_seq_length() == 308
+    assert len(set(sizes[10:])) == 1 and cache.layers[0].keys.shape[-2] == 4 + 12 - 1  # flat from early on
+    generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=300, do_sample=False,
+                               pad_token_id=0, eos_token_id=None)
+    assert torch.equal(generated, torch.cat(tokens, dim=1))
+
+
+# --- attend rerope --------------------------------------------------------------------------------
+
+
+def rerope_pairs(window: int, leak: float | None):
+    def pairs(length: int) -> Pairs:
+        base = absolute(length)
+        t = base.query_position
+        distance = t[:, None] - t[None, :]
+        capped = distance.clamp(max=window) if leak is None else \
+            torch.where(distance < window, distance, window + (distance - window) / leak)
+        base.key_position = t[:, None] - capped
+        return base
+    return pairs
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("leak", [None, 4.0])
+def test_rerope_equals_the_per_pair_reference(kind, attention, leak):
+    model, ids = build(kind, attention), ids_of(50)
+    reference = logits_of(clone(model), ids, rerope_pairs(8, leak))
+    spec = "attend rerope window=8" + (f" leak={leak:g}" if leak else "")
+
+    def check(patched):
+        assert (logits(patched, ids) - reference).abs().max() <= 1e-5
+        assert (decoded(patched, ids, 20)[0] - reference).abs().max() <= 1e-5
+        short = ids[:, :8]  # the whole sequence within the window: plain RoPE
+        assert (logits(patched, short) - logits(build(kind, attention), short)).abs().max() <= 1e-6
+
+    applied_and_reverted(model, spec, check)
+
+
+def test_rerope_needs_a_rotary_embedding():
+    model = tiny_gpt2()
+    with pytest.raises(SurgeonError, match="rotary"):
+        surgeon.apply("attend rerope window=8", model)
