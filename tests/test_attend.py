@@ -225,3 +225,175 @@ def test_rerope_needs_a_rotary_embedding():
     model = tiny_gpt2()
     with pytest.raises(SurgeonError, match="rotary"):
         surgeon.apply("attend rerope window=8", model)
+
+
+# --- attend alibi ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("heads", range(1, 65))
+def test_alibi_slopes_are_blooms(heads):
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    from surgeon.methods.attention.alibi import AlibiModifier
+
+    length = 12
+    bloom = build_alibi_tensor(torch.ones(1, length), heads, torch.float32)[:, 0]  # (H, T): slope * j
+    ours = AlibiModifier(heads).slopes
+    t = torch.arange(length)
+    bias = -ours[:, None, None] * (t[:, None] - t[None, :]).abs()[None].float()  # what the modifier adds
+    for i in range(length):  # equal up to a per-row constant, which softmax ignores
+        gap = bias[:, i, :i + 1] - bloom[:, :i + 1]
+        assert (gap - gap[:, :1]).abs().max() <= 1e-6
+
+
+def alibi_pairs(heads: int, rope: bool):
+    from surgeon.methods.attention.alibi import alibi_slopes
+
+    slopes = torch.tensor([2 ** (-8 * h / heads) for h in range(1, heads + 1)]) if math.log2(heads).is_integer() \
+        else torch.tensor(alibi_slopes(heads))
+
+    def pairs(length: int) -> Pairs:
+        base = absolute(length)
+        if not rope:
+            base.query_position = torch.zeros(length, dtype=torch.float64)
+            base.key_position = torch.zeros(length, length, dtype=torch.float64)
+        t = torch.arange(length)
+        base.bias = -slopes[:, None, None] * (t[:, None] - t[None, :]).float()[None]
+        return base
+    return pairs
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("rope", [True, False])
+def test_alibi_equals_the_biased_reference(kind, attention, rope):
+    model, ids = build(kind, attention), ids_of(30)
+    reference = logits_of(clone(model), ids, alibi_pairs(4, rope))
+
+    def check(patched):
+        assert (logits(patched, ids) - reference).abs().max() <= 1e-5
+        assert (decoded(patched, ids, 10)[0] - reference).abs().max() <= 1e-5
+
+    applied_and_reverted(model, "attend alibi" + ("" if rope else " rope=off"), check)
+
+
+def test_alibi_is_refused_on_a_model_that_has_it():
+    torch.manual_seed(0)
+    bloom = transformers.BloomForCausalLM(transformers.BloomConfig(hidden_size=32, n_head=4, n_layer=2,
+                                                                   vocab_size=64)).eval()
+    original = clone(bloom)
+    with pytest.raises(SpecError, match="ALiBi"):
+        surgeon.apply("attend alibi", bloom)
+    assert_same_model(bloom, original)
+
+
+# --- attend logn ----------------------------------------------------------------------------------
+
+
+def qwen_logn(seq_length: int, length: int) -> torch.Tensor:
+    """Qwen-1's modeling_qwen.py: logn_list and the slice a full forward takes."""
+    logn_list = [math.log(i, seq_length) if i > seq_length else 1 for i in range(1, 32768)]
+    logn_tensor = torch.tensor(logn_list)[None, :, None, None]
+    key_size, q_len = length, length
+    return logn_tensor[:, key_size - q_len:key_size][0, :, 0, 0]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_logn_leaves_the_trained_length_alone_and_scales_beyond_as_qwen(kind, attention):
+    model, ids = build(kind, attention), ids_of(40)
+    plain = clone(model)
+
+    def pairs(length: int) -> Pairs:
+        base = absolute(length)
+        base.query_scale = qwen_logn(16, length)
+        return base
+    reference = logits_of(clone(model), ids, pairs)
+
+    def check(patched):
+        assert torch.equal(logits(patched, ids[:, :16]), logits(plain, ids[:, :16]))  # bit for bit
+        full = logits(patched, ids)
+        assert torch.equal(full[:, :16], logits(plain, ids)[:, :16])
+        assert (full[:, 16:] - logits(plain, ids)[:, 16:]).abs().max() > 1e-3
+        assert (full - reference).abs().max() <= 1e-5
+        assert (decoded(patched, ids, 10)[0] - reference).abs().max() <= 1e-5
+
+    applied_and_reverted(model, "attend logn train_len=16", check)
+
+
+# --- attend s2 ------------------------------------------------------------------------------------
+
+
+def longlora_forward_noflashattn(query_states, key_states, value_states, group_size_ratio):
+    """dvlab-research/LongLoRA at d4eb344, llama_attn_replace.py L225-340, from after the rotary
+    embedding and repeat_kv to before o_proj (the causal mask as LlamaModel made it then)."""
+    bsz, num_heads, q_len, head_dim = query_states.shape
+    group_size = int(q_len * group_size_ratio)
+    if q_len % group_size > 0:
+        raise ValueError("q_len %d should be divisible by group size %d." % (q_len, group_size))
+    num_group = q_len // group_size
+
+    def shift(qkv, bsz, q_len, group_size, num_heads, head_dim):
+        qkv[:, num_heads // 2:] = qkv[:, num_heads // 2:].roll(-group_size // 2, dims=2)
+        qkv = qkv.transpose(1, 2).reshape(bsz * (q_len // group_size), group_size, num_heads, head_dim).transpose(1, 2)
+        return qkv
+
+    query_states = shift(query_states.clone(), bsz, q_len, group_size, num_heads, head_dim)
+    key_states = shift(key_states.clone(), bsz, q_len, group_size, num_heads, head_dim)
+    value_states = shift(value_states.clone(), bsz, q_len, group_size, num_heads, head_dim)
+    attn_weights = torch.matmul(query_states, key_states.transpose(2, 3)) / math.sqrt(head_dim)
+    attention_mask = torch.full((q_len, q_len), torch.finfo(attn_weights.dtype).min).triu(1)[None, None]
+    attention_mask = attention_mask.expand(bsz, 1, q_len, q_len)
+    attention_mask = attention_mask[:, :, :group_size, :group_size].repeat(num_group, 1, 1, 1)
+    attn_weights = attn_weights + attention_mask
+    attn_weights = torch.nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query_states.dtype)
+    attn_output = torch.matmul(attn_weights, value_states)
+    attn_output = attn_output.transpose(1, 2).contiguous()
+    attn_output = attn_output.reshape(bsz, q_len, num_heads, head_dim)
+    attn_output[:, :, num_heads // 2:] = attn_output[:, :, num_heads // 2:].roll(group_size // 2, dims=1)
+    return attn_output
+
+
+@pytest.mark.parametrize(("length", "ratio"), [(16, 0.25), (12, 0.25), (24, 0.5)])
+def test_s2_is_longlora_on_tensors(length, ratio):
+    from surgeon.methods.attention._seam import AttentionCall
+    from surgeon.methods.attention.s2 import S2Modifier
+
+    q, k, v = (torch.randn(2, 4, length, 8, generator=torch.Generator().manual_seed(s)) for s in range(3))
+    module = torch.nn.Module()
+    call = AttentionCall(module, q, k, v, None, {"scaling": 8 ** -0.5}, "sdpa", torch.arange(length),
+                         torch.arange(length))
+    out, _ = S2Modifier(ratio).attend(call, None)
+    assert (out - longlora_forward_noflashattn(q, k, v, ratio)).abs().max() <= 1e-6
+    module.eval()
+    assert S2Modifier(ratio).attend(call, None) is None  # eval: full attention
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_s2_trains_as_longlora_and_evaluates_fully(kind, attention):
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    model, ids = build(kind, attention), ids_of(32)
+    reference_model = clone(model)
+
+    def reference(module, query, key, value, attention_mask, **kwargs):
+        groups = query.shape[1] // key.shape[1]
+        return longlora_forward_noflashattn(query, key.repeat_interleave(groups, 1),
+                                            value.repeat_interleave(groups, 1), 0.25), None
+    AttentionInterface.register("test_longlora", reference)
+    AttentionMaskInterface.register("test_longlora", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    reference_model.config._attn_implementation = "test_longlora"
+    reference_model.train()
+    expected = reference_model(ids, use_cache=False).logits
+
+    def check(patched):
+        patched.train()
+        assert (patched(ids, use_cache=False).logits - expected).abs().max() <= 1e-5
+        with pytest.raises(SurgeonError, match="groups of"):
+            patched(ids[:, :30], use_cache=False)  # int(30 * 0.25) = 7 does not divide 30
+        patched.eval()
+        assert torch.equal(logits(patched, ids), logits(build(kind, attention), ids))
+
+    applied_and_reverted(model, "attend s2 group=0.25", check)

@@ -19,13 +19,15 @@ Positions are cache slots: queries at kv-q.., keys at 0..kv-1, unless a bounded 
 Relative methods need nothing more: with left padding slots and position ids differ by a per-row
 constant.
 
-Model-wide, the seam switches `_attn_implementation` on every config of the model (T5's stacks carry
-their own) and puts the very values back with its last modifier; a registered mask function goes
+Model-wide, the seam gives every module that holds one of the model's configs (T5's stacks carry
+their own) a copy with `_attn_implementation` switched, so a config another model shares is never
+written, and puts the very objects back with its last modifier; a registered mask function goes
 with each name (a custom name without one gets `attention_mask=None`: transformers PR #45811).
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -285,6 +287,11 @@ def register_functions() -> None:
 # Model-wide: the config switch, shared by every modifier on the model
 
 
+def inner_name(config: Any) -> str:
+    inner = config._attn_implementation or "eager"
+    return inner[len(NAME):] if inner.startswith(NAME) else inner
+
+
 def configs_of(model: nn.Module) -> list[Any]:
     """Every distinct config object of the model (T5's stacks carry their own copies)."""
     found: dict[int, Any] = {}
@@ -317,15 +324,16 @@ class AttentionSeam:
         register_functions()
         saved = []
         for config in configs_of(model):
-            inner = config._attn_implementation or "eager"
-            if inner.startswith(NAME):
-                inner = inner[len(NAME):]
+            inner = inner_name(config)
             if inner not in INNERS:
                 raise SurgeonError(f"this rewrite of attention runs on the 'sdpa' or 'eager' attention, not '{inner}'; "
                                    "load the model with attn_implementation='sdpa'")
-            saved.append((config, config.__dict__["_attn_implementation_internal"]))
-        for config, _ in saved:
-            config._attn_implementation = NAME + (config._attn_implementation or "eager")
+            saved.append((config, copy.deepcopy(config)))
+        for config, switched in saved:  # a copy: another model may share the config object
+            switched._attn_implementation = NAME + inner_name(config)
+            for module in model.modules():
+                if module.__dict__.get("config") is config:
+                    module.config = switched
         seam = cls(model=model, saved=saved)
         seam.handle = model.register_forward_pre_hook(seam._bound_cache, with_kwargs=True)
         model.__dict__[SEAM_ATTR] = seam
@@ -367,8 +375,10 @@ class AttentionSeam:
             self.release()
 
     def release(self) -> None:
-        for config, value in self.saved:
-            config.__dict__["_attn_implementation_internal"] = value  # the very object, not via the setter
+        for config, switched in self.saved:
+            for module in self.model.modules():
+                if module.__dict__.get("config") is switched:
+                    module.config = config
         self.saved = []
         if self.handle is not None:
             self.handle.remove()
