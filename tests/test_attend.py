@@ -66,7 +66,7 @@ def implementations(model: torch.nn.Module) -> list:
 def applied_and_reverted(model: torch.nn.Module, spec: str, check) -> None:
     """Apply `spec`, run `check(model)`, revert: the model and its configs as they were."""
     original, before = clone(model), implementations(model)
-    job = surgeon.apply(spec, model)
+    job = surgeon.apply(spec, model, seed=0)
     assert all(i.startswith("surgeon_") for i in implementations(model))
     check(model)
     job.revert()
@@ -397,3 +397,87 @@ def test_s2_trains_as_longlora_and_evaluates_fully(kind, attention):
         assert torch.equal(logits(patched, ids), logits(build(kind, attention), ids))
 
     applied_and_reverted(model, "attend s2 group=0.25", check)
+
+
+# --- composition, checks, refusals ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_window_alibi_and_logn_compose_on_one_seam(attention):
+    model, ids = build("llama", attention), ids_of(40)
+    window, alibi = window_pairs(8), alibi_pairs(4, rope=True)
+
+    def pairs(length: int) -> Pairs:
+        base = alibi(length)
+        base.allowed = window(length).allowed
+        base.query_scale = qwen_logn(16, length)
+        return base
+    reference = logits_of(clone(model), ids, pairs)
+
+    def check(patched):
+        assert (logits(patched, ids) - reference).abs().max() <= 1e-5
+        assert (decoded(patched, ids, 10)[0] - reference).abs().max() <= 1e-5
+
+    applied_and_reverted(model, "attend logn train_len=16\nattend window size=8\nattend alibi", check)
+
+
+def test_a_prefix_composes_with_a_window():
+    model, ids = build("llama", "sdpa"), ids_of(20)
+    alone = clone(model)
+    surgeon.apply("inject prefix tokens=4 into *.attn", alone, seed=0)
+
+    def check(patched):
+        out = logits(patched, ids)
+        assert (out - logits(alone, ids)).abs().max() > 1e-4  # the window changes what the prefix model sees
+        short = ids[:, :6]  # within the window: the prefix model alone
+        assert (logits(patched, short) - logits(alone, short)).abs().max() <= 1e-5
+        assert (decoded(patched, ids, 8)[0] - out).abs().max() <= 1e-5
+
+    applied_and_reverted(model, "inject prefix tokens=4 into *.attn\nattend window size=6", check)
+
+
+def test_the_config_of_another_model_is_never_written():
+    model = build("llama", "sdpa")
+    other = build("llama", "sdpa")
+    other.config = model.config
+    for module in other.modules():
+        if "config" in module.__dict__:
+            module.config = model.config
+    ids = ids_of(30)
+    before = logits(other, ids)
+    job = surgeon.apply("attend window size=4\nscale rope linear factor=2", model)
+    assert model.config is not other.config and other.config._attn_implementation == "sdpa"
+    assert torch.equal(logits(other, ids), before)
+    job.revert()
+    assert model.config is other.config
+
+
+@pytest.mark.parametrize(("spec", "match"), [
+    ("attend sinks tokens=2 window=6\nattend rerope window=8", "cannot stack"),
+    ("inject prefix tokens=4 into *.attn\nattend s2 group=0.25", "cannot stack"),
+    ("scale rope linear factor=2\nattend alibi rope=off", "rotary position embedding"),
+    ("attend window size=100", "longer than the 64 positions"),
+    ("attend window size=0", "size"),
+    ("attend s2 group=2", "group"),
+    ("attend rerope window=8 leak=0.5", "leak"),
+    ("attend softmax", "softmax"),
+])
+def test_what_cannot_be_done_is_refused_before_any_change(spec, match):
+    model = build("llama", "sdpa")
+    original, before = clone(model), implementations(model)
+    with pytest.raises(SpecError, match=match):
+        surgeon.apply(spec, model)
+    assert_same_model(model, original)
+    assert implementations(model) == before
+
+
+def test_check_says_what_changes():
+    from surgeon.report import _changes
+
+    model = build("llama", "sdpa")
+    lines = _changes(surgeon.check("attend sinks tokens=4 window=12\nattend logn", model))
+    lines += _changes(surgeon.check("attend s2", model))
+    assert "attention: 4 sink tokens + a window of 12; KV cache bounded at 16 entries (when every attention layer " \
+           "has it)" in lines
+    assert "attention: queries past position 64 scaled by log_64(n)" in lines
+    assert any("shifted groups of 0.25" in line for line in lines)
