@@ -86,6 +86,8 @@ class S2(Attend):
     name = "s2"
     Params = S2Params
     modifier_type = S2Modifier
+    mergeable = True  # training only: a merged model attends fully, as LongLoRA's inference does
+    summary = "S2-Attn (LongLoRA): shifted group attention in training, full attention in eval"
     refuses_stack = {name: f"S2-Attn computes attention inside groups in training, without the {what}"
                      for name, what in (("prefix", "prefix's extra keys"), ("alibi", "bias"), ("window", "window mask"),
                                         ("sinks", "sinks' mask"), ("rerope", "per-pair positions"))}
