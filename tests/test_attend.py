@@ -65,13 +65,18 @@ def implementations(model: torch.nn.Module) -> list:
 
 def applied_and_reverted(model: torch.nn.Module, spec: str, check) -> None:
     """Apply `spec`, run `check(model)`, revert: the model and its configs as they were."""
-    original, before = clone(model), implementations(model)
+    original, before, config = clone(model), implementations(model), model.config
     job = surgeon.apply(spec, model, seed=0)
     assert all(i.startswith("surgeon_") for i in implementations(model))
     check(model)
     job.revert()
     assert_same_model(model, original)
     assert implementations(model) == before
+    buffers = dict(original.named_buffers())  # non-persistent ones too (inv_freq), which state_dict leaves out
+    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers()) and len(buffers) == len(dict(
+        model.named_buffers()))
+    assert model.config.to_dict() == original.config.to_dict()
+    assert model.config is config
 
 
 # --- the oracle itself --------------------------------------------------------------------------

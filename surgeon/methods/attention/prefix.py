@@ -7,10 +7,10 @@ PrefixEncoder MLP, embedding (P, kv_dim) -> Linear(kv_dim, h) -> Tanh -> Linear(
 last Linear is split by rows into the L per-layer blocks (so each layer owns its rows and the count
 is exactly PEFT's). `fold()` replaces the MLP by the prefix it produces.
 
-The seam (no wrapper model, no cache seeding): an attention function registered with transformers'
-AttentionInterface under `surgeon_prefix_<inner>` that concatenates the layer's prefix in front of
-the keys and values and left-pads the mask (and T5's position bias) with "attend"; every config of
-the model gets `_attn_implementation` set to it and restored exactly on revert. Positions shift by P
+The seam (no wrapper model, no cache seeding): each layer's prefix is the KEYS modifier of the
+composing attention seam (`_seam.py`), which puts it in front of the keys and values and left-pads
+the mask with "attend"; T5's position bias is padded here. The seam switches the model's configs
+and restores them exactly on revert. Positions shift by P
 (a pre-hook on the rotary / absolute position module), as in PEFT, where the prefix sits in the
 cache. Because the prefix is never in the cache, `generate` works with any cache, and gradient
 checkpointing works (PEFT refuses it).
