@@ -46,13 +46,22 @@ class BoundedLayer(DynamicLayer):
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        new = key_states.shape[-2]
-        positions = torch.cat([self.positions.to(key_states.device),
-                               torch.arange(self.seen, self.seen + new, device=key_states.device)])
+        device = key_states.device
+        positions = torch.cat([self.positions.to(device),
+                               torch.arange(self.seen, self.seen + key_states.shape[-2], device=device)])
         keys, values = torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
-        self.seen += new
-        keep = (positions < self.sinks) | (positions > self.seen - self.window)  # the next query's visible keys
-        self.keys, self.values, self.positions = keys[..., keep, :], values[..., keep, :], positions[keep]
+        self.seen += key_states.shape[-2]
+        # the next query sees the sinks and keys after seen - window: the dropped ones are one run
+        sinks = min(self.sinks, positions.numel())
+        start = max(sinks, positions.numel() - (self.window - 1))
+        if start == sinks:  # nothing to drop
+            self.keys, self.values, self.positions = keys, values, positions
+        elif sinks == 0:  # views: no copy
+            self.keys, self.values, self.positions = keys[..., start:, :], values[..., start:, :], positions[start:]
+        else:
+            self.keys = torch.cat([keys[..., :sinks, :], keys[..., start:, :]], dim=-2)
+            self.values = torch.cat([values[..., :sinks, :], values[..., start:, :]], dim=-2)
+            self.positions = torch.cat([positions[:sinks], positions[start:]])
         self.attention.__dict__[KEY_POSITIONS_ATTR] = positions
         return keys, values
 

@@ -116,15 +116,25 @@ class Rotation:
 
     def __init__(self, rotary: nn.Module) -> None:
         self.rotary = rotary
+        self.last: tuple[Any, tuple[torch.Tensor, torch.Tensor]] | None = None  # every layer of a step shifts alike
+
+    def _cos_sin(self, shift: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.rotary.inv_freq
+        key = (shift.tolist(), dtype, inv_freq.data_ptr(), inv_freq._version) if shift.numel() <= 64 else None
+        if key is not None and self.last is not None and self.last[0] == key:
+            return self.last[1]
+        angles = shift.float()[:, None] * inv_freq.float()[None, :]
+        emb = torch.cat([angles, angles], dim=-1)
+        cos_sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        if key is not None:
+            self.last = (key, cos_sin)
+        return cos_sin
 
     def __call__(self, states: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """`states` (B, H, n, D) rotated by `shift` (n,) positions (a pure rotation: the rotary's
         attention scaling is in the states already)."""
-        inv_freq = self.rotary.inv_freq.float()
-        angles = shift.float()[:, None] * inv_freq[None, :]
-        emb = torch.cat([angles, angles], dim=-1)
-        cos, sin = emb.cos().to(states.dtype), emb.sin().to(states.dtype)
-        dim = emb.shape[-1]
+        cos, sin = self._cos_sin(shift, states.dtype)
+        dim = cos.shape[-1]
         rotated, rest = states[..., :dim], states[..., dim:]
         half = dim // 2
         turned = torch.cat([-rotated[..., half:], rotated[..., :half]], dim=-1)
@@ -195,6 +205,8 @@ def _visible(call: AttentionCall) -> torch.Tensor | None:
         visible = None
     if call.allowed is not None:
         visible = call.allowed[None, None] if visible is None else visible & call.allowed
+    if visible is not None and call.query.shape[2] == 1 and bool(visible.all()):
+        return None  # a decode step that sees every key it was handed: the kernel's unmasked path
     return visible
 
 
@@ -219,6 +231,8 @@ def _with_extra(tensor: torch.Tensor, extra: int, value: Any) -> torch.Tensor:
 
 
 def _compute(call: AttentionCall, function: Callable[..., Any], *args: Any) -> Any:
+    if call.pairs is not None and call.query.shape[2] == 1:
+        _rotate_selected_keys(call)  # one query: its pairs are columns, and the model's own kernel runs
     visible = _visible(call)
     dtype = call.query.dtype
     if call.pairs is not None:
@@ -247,6 +261,21 @@ def _additive(call: AttentionCall, visible: torch.Tensor | None) -> torch.Tensor
         bias = bias.masked_fill(~visible, torch.finfo(dtype).min)
     shape = torch.broadcast_shapes(bias.shape, (1, 1, call.query.shape[2], call.key.shape[2] - call.extra))
     return _with_extra(bias.expand(shape), call.extra, 0.0)
+
+
+def _rotate_selected_keys(call: AttentionCall) -> None:
+    """For a single query, (R_a q).(R_b k) = q.(R_(b-a) k): the selected keys rotate instead, so the
+    second score needs no score matrix of its own (decode steps of sinks and ReRoPE)."""
+    pairs = call.pairs
+    assert pairs is not None
+    columns = pairs.select[0]
+    if bool(columns.any()):
+        real = call.key[:, :, call.extra:]
+        turned = pairs.rotation(real[:, :, columns], pairs.key_shift[columns] - pairs.query_shift[0])
+        real = real.clone()
+        real[:, :, columns] = turned
+        call.key = torch.cat([call.key[:, :, :call.extra], real], dim=2)
+    call.pairs = None
 
 
 def _repeat(states: torch.Tensor, groups: int) -> torch.Tensor:
