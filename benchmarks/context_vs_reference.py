@@ -9,7 +9,7 @@
    plain (transformers' DynamicCache) vs `attend sinks tokens=4 window=252`. Per block of 250
    tokens: tokens per second, the cache's bytes; and the process's peak RSS growth over each run (sinks
    first, so plain's growth is what it needs beyond the sinks run's peak).
-2. The LongLoRA train step at 4x the trained length (256 -> 1024 tokens): specs/longlora.peft
+2. The LongLoRA train step at 4x the trained length (512 -> 2048 tokens): specs/longlora.peft
    (S2-Attn) vs the same spec without `attend s2` (full attention), forward + backward, medians
    of `--steps` rounds alternating the two.
 3. `scale rope TYPE` parity: max |logits| difference from the model transformers builds with that
@@ -93,10 +93,10 @@ def longlora(steps: int) -> dict:
     full_spec = "\n".join(line for line in spec.splitlines() if not line.startswith("attend s2"))
     models = {}
     for name, text in (("s2", spec), ("full", full_spec)):
-        model = small_llama(256)
+        model = small_llama(512)
         surgeon.apply(text, model, seed=0)
         models[name] = model.train()
-    ids = torch.randint(0, SMALL["vocab_size"], (1, 1024), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, SMALL["vocab_size"], (1, 2048), generator=torch.Generator().manual_seed(2))
     times: dict[str, list[float]] = {"s2": [], "full": []}
     for name in times:  # warm-up
         train_step(models[name], ids)
@@ -104,7 +104,7 @@ def longlora(steps: int) -> dict:
         for name in (("s2", "full") if round_ % 2 == 0 else ("full", "s2")):
             times[name].append(train_step(models[name], ids))
     s2, full = statistics.median(times["s2"]), statistics.median(times["full"])
-    return {"s2_s": s2, "full_s": full, "ratio": s2 / full, "length": 1024, "trained": 256}
+    return {"s2_s": s2, "full_s": full, "ratio": s2 / full, "length": 2048, "trained": 512}
 
 
 def rope_parity() -> list[dict]:
