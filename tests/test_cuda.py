@@ -256,3 +256,18 @@ def test_methods_on_cuda_compute_what_they_compute_on_cpu(spec):
     assert torch.equal(tokens, on_cpu.generate(ids, max_new_tokens=5, do_sample=False))
     jobs[1].revert()
     assert_same_model(on_gpu, original)
+
+
+@pytest.mark.parametrize("spec", ["attend sinks tokens=2 window=6", "attend window size=8\nattend alibi",
+                                  "attend rerope window=8 leak=4", "attend logn train_len=16"])
+def test_attend_statements_on_cuda_equal_the_cpu(spec):
+    """The attention seam on CUDA (sdpa's CUDA kernels, the bounded cache on the device) against the
+    same statements on the CPU, whose parity with the references tests/test_attend.py shows."""
+    from test_attend import build, decoded, ids_of
+
+    cpu, ids = build("llama", "sdpa"), ids_of(40)
+    gpu = clone(cpu).cuda()
+    surgeon.apply(spec, cpu)
+    surgeon.apply(spec, gpu)
+    expected = decoded(cpu, ids, 10)[0]
+    assert (decoded(gpu, ids.cuda(), 10)[0].cpu() - expected).abs().max() <= 1e-4
