@@ -13,29 +13,13 @@ import torch
 import transformers
 from attention_oracle import Pairs, absolute, logits_of
 from conftest import assert_same_model, clone, tiny_gpt2
+from test_rope import build
 
 import surgeon
 from surgeon.errors import SpecError, SurgeonError
 
-TRAINED = 64
 KINDS = ["llama", "qwen2", "mistral", "gpt_neox"]
 ATTENTIONS = ["sdpa", "eager"]
-
-
-def build(kind: str, attention: str, **extra: object) -> torch.nn.Module:
-    torch.manual_seed(0)
-    parameters = {"rope_theta": 10000.0, "rope_type": "default"}
-    if kind == "gpt_neox":
-        parameters["partial_rotary_factor"] = 0.25
-    common = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128, vocab_size=128,
-                  max_position_embeddings=TRAINED, attn_implementation=attention, rope_parameters=parameters) | extra
-    if kind == "gpt_neox":
-        return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**common)).eval()
-    classes = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-               "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-               "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}
-    config_class, model_class = classes[kind]
-    return model_class(config_class(**common, num_key_value_heads=2)).eval()
 
 
 def ids_of(length: int, batch: int = 2, seed: int = 1) -> torch.Tensor:

@@ -19,14 +19,15 @@ TRAINED = 64  # max_position_embeddings of the tiny models
 LONG = 4 * TRAINED - 16
 
 
-def build(kind: str, attention: str, rope: dict | None = None) -> torch.nn.Module:
-    """A tiny model with the default RoPE, or with `rope` (what transformers builds from that config)."""
+def build(kind: str, attention: str, rope: dict | None = None, **extra: object) -> torch.nn.Module:
+    """A tiny model with the default RoPE, or with `rope` (what transformers builds from that config);
+    `extra`: more config entries (Mistral's sliding_window)."""
     torch.manual_seed(0)
     parameters = {"rope_theta": 10000.0, "rope_type": "default"} | (rope or {})
     if kind == "gpt_neox":  # partial rotary: a quarter of each head
         parameters["partial_rotary_factor"] = 0.25
     common = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128, vocab_size=128,
-                  max_position_embeddings=TRAINED, attn_implementation=attention, rope_parameters=parameters)
+                  max_position_embeddings=TRAINED, attn_implementation=attention, rope_parameters=parameters) | extra
     if kind == "gpt_neox":
         return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**common)).eval()
     classes = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),

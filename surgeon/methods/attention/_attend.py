@@ -16,11 +16,11 @@ from surgeon.methods.base import ApplyContext, Method, MethodParams, Patch, Targ
 
 def inner_attention(module: nn.Module) -> nn.Module:
     """The module that calls transformers' attention interface: the target or its attention child."""
-    for sub in module.modules():
-        if hasattr(sub, "is_causal") and hasattr(sub, "config"):
-            return sub
-    raise PlanError(f"{type(module).__name__} does not call transformers' attention interface, which the "
-                    "attend statements change")
+    found = attention_modules(module)
+    if not found:
+        raise PlanError(f"{type(module).__name__} has no attention module that calls transformers' attention "
+                        "interface, which the attention seam changes")
+    return found[0]
 
 
 class ModifierPatch(Patch):

@@ -41,6 +41,7 @@ from torch import nn
 from surgeon.errors import ExportError, PlanError, SurgeonError
 from surgeon.graph import unwrap
 from surgeon.methods._rng import draw
+from surgeon.methods.attention._attend import inner_attention
 from surgeon.methods.attention._seam import KEYS, AttentionCall, AttentionSeam, Modifier, attention_modules, modifiers_of
 from surgeon.methods.base import DROP_SWITCH, ApplyContext, DropSwitch, Method, MethodParams, Patch, Target, register
 
@@ -59,15 +60,6 @@ class PrefixParams(MethodParams):
 
 # ---------------------------------------------------------------------------------------------
 # Shapes of a target, read from the module at apply time and from the planner's Target at plan time
-
-
-def _inner_attention(module: nn.Module) -> nn.Module:
-    """The module that calls the attention interface: the target itself (Llama, GPT-2) or its
-    attention child (BERT's `attention.self`, T5's `SelfAttention` / `EncDecAttention`)."""
-    for sub in module.modules():
-        if hasattr(sub, "is_causal") and hasattr(sub, "config"):
-            return sub
-    raise PlanError(f"{type(module).__name__} has no attention module that calls transformers' attention interface")
 
 
 def _kv_shape(inner: nn.Module) -> tuple[int, int]:
@@ -337,7 +329,7 @@ def _bias_source(model: nn.Module, target: Target, params: PrefixParams) -> nn.M
     relative position table every layer of the stack uses."""
     if params.positions != "adapterhub":
         return None
-    first = _inner_attention(model.get_submodule(_stack_key(target.path).replace(".*", ".0", 1)))
+    first = inner_attention(model.get_submodule(_stack_key(target.path).replace(".*", ".0", 1)))
     return first if getattr(first, "has_relative_attention_bias", False) else None
 
 
@@ -398,7 +390,7 @@ class Prefix(Method):
     def apply(cls, model: nn.Module, target: Target, params: MethodParams, ctx: ApplyContext) -> Patch:
         assert isinstance(params, PrefixParams)
         module = model.get_submodule(target.path)
-        inner = _inner_attention(module)
+        inner = inner_attention(module)
         n_kv, head_dim = _kv_shape(inner)
         leader = _layer_index(target.path) == 0
         if _LAYER_ATTR in inner.__dict__:

@@ -188,9 +188,10 @@ def _lora_wrapper(module: nn.Module, target: Target) -> nn.Module:
 
 def _gate_prefix(patch: GatePatch, attention: nn.Module, gate: Gate) -> None:
     """The prefix of the attention block scaled by the gate of the block's input hidden states."""
-    from surgeon.methods.attention.prefix import _LAYER_ATTR, _inner_attention
+    from surgeon.methods.attention._attend import inner_attention
+    from surgeon.methods.attention.prefix import _LAYER_ATTR
 
-    layer = _inner_attention(attention).__dict__.get(_LAYER_ATTR)
+    layer = inner_attention(attention).__dict__.get(_LAYER_ATTR)
     if layer is None:
         raise SurgeryError("the attention block holds no prefix to gate")
     layer.gate = gate
