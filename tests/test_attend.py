@@ -470,3 +470,15 @@ def test_check_says_what_changes():
            "has it)" in lines
     assert "attention: queries past position 64 scaled by log_64(n)" in lines
     assert any("shifted groups of 0.25" in line for line in lines)
+
+
+def test_a_bounded_cache_refuses_a_left_padded_batch_once_it_has_dropped_keys():
+    model, ids = build("llama", "sdpa"), ids_of(12)
+    surgeon.apply("attend window size=4", model)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # row 1 left-padded
+    with pytest.raises(SurgeonError, match="unpadded rows"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    unpadded = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                              pad_token_id=0)
+    assert unpadded.shape == (2, 16)
