@@ -120,7 +120,9 @@ class Rotation:
 
     def _cos_sin(self, shift: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.rotary.inv_freq
-        key = (shift.tolist(), dtype, inv_freq.data_ptr(), inv_freq._version) if shift.numel() <= 64 else None
+        # keyed by the shift's values: read on the CPU only (on a GPU .tolist() would wait for the device)
+        small = shift.device.type == "cpu" and shift.numel() <= 64
+        key = (shift.tolist(), dtype, inv_freq.data_ptr(), inv_freq._version) if small else None
         if key is not None and self.last is not None and self.last[0] == key:
             return self.last[1]
         angles = shift.float()[:, None] * inv_freq.float()[None, :]
